@@ -1,0 +1,571 @@
+r"""SGMCMC kernels for :class:`pyro.infer.MCMC`.
+
+Each kernel wraps one pure sampler of :mod:`pyro_sgmcmc.samplers` and a minibatch
+potential (:class:`~pyro_sgmcmc.potential.PyroPotential` built from a Pyro model, or a
+user's ``potential_fn``). Swap ``NUTS(model)`` for ``SGHMCKernel(model,
+subsample_size=32)`` and the rest of a Pyro workflow (``MCMC``, ``get_samples``,
+``summary``, ``arviz.from_pyro``, ``Predictive``) stays as it is.
+
+What a kernel adds to the bare sampler:
+
+* **Warm-up adaptation.** With ``adapt_mass_matrix=True`` a constant diagonal
+  preconditioner is learned from the warm-up draws in Stan-style doubling windows
+  (:mod:`pyro_sgmcmc.samplers.adaptation`) and frozen for sampling. With
+  ``beta="auto"`` the minibatch gradient noise is estimated in the same windows from
+  per-example gradients and subtracted from the injected noise (Chen et al., 2014).
+* **Thinning.** Pyro's MCMC has none; here each retained draw is ``thinning``
+  sampler steps (warm-up steps are never thinned).
+* **Non-finite steps.** A step whose potential or gradient is NaN/inf is undone
+  (the chain returns to the previous point and its momenta are reset) and counted
+  in ``diagnostics()["divergences"]``; past ``max_divergences`` such steps the run
+  stops with a :class:`~pyro_sgmcmc.potential.NonFiniteError` naming the step and
+  the sites.
+* **Reproducibility.** Noise and minibatches come from a ``torch.Generator`` seeded
+  from torch's global generator at ``setup``, so ``pyro.set_rng_seed`` fixes a run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pyro.infer.autoguide.initialization import init_to_uniform
+from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
+from torch import Tensor
+
+from pyro_sgmcmc.potential import NonFiniteError, PyroPotential
+from pyro_sgmcmc.samplers import baoa, sghmc, sgld, sgnht
+from pyro_sgmcmc.samplers.adaptation import WelfordVariance, adaptation_windows
+from pyro_sgmcmc.samplers.schedules import Schedule, as_schedule
+
+__all__ = ["BAOAKernel", "SGHMCKernel", "SGLDKernel", "SGMCMCKernel", "SGNHTKernel"]
+
+#: Largest per-example gradient table (data x parameters) that control variates keep.
+_MAX_CV_TABLE = 2e7
+
+
+class _FunctionPotential:
+    """A user's ``potential_fn(params) -> -log p`` behind the PyroPotential interface."""
+
+    def __init__(self, potential_fn: Callable, num_data: int) -> None:
+        self.potential_fn = potential_fn
+        self.num_data = num_data
+        self.subsample_size = None
+        self.transforms: dict = {}
+
+    def next_indices(self) -> None:
+        return None
+
+    def potential_and_grad(self, phi, indices=None):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+        u = self.potential_fn(leaves) / self.num_data
+        grads = torch.autograd.grad(u, list(leaves.values()), allow_unused=True)
+        grads = [
+            torch.zeros_like(v) if g is None else g
+            for v, g in zip(leaves.values(), grads, strict=True)
+        ]
+        return u.detach(), dict(zip(leaves, grads, strict=True))
+
+    def nonfinite_sites(self, phi, indices=None) -> list[str]:
+        u, grads = self.potential_and_grad(phi)
+        bad = [] if torch.isfinite(u) else ["potential_fn"]
+        return bad + [f"{k} (gradient)" for k, g in grads.items() if not torch.isfinite(g).all()]
+
+
+class SGMCMCKernel(MCMCKernel):
+    """Shared machinery of the SGMCMC kernels; use a subclass.
+
+    Args:
+        model: a Pyro model; or ``None`` with ``potential_fn``.
+        potential_fn: instead of a model, ``potential_fn(params) -> -log p(params | y)``
+            over a dict of unconstrained tensors (a stochastic but unbiased estimate is
+            fine); pass ``initial_params`` to ``MCMC``.
+        subsample_size: minibatch size through the model's data plate (``None``: full
+            batch).
+        step_size: step size, a float or a schedule ``t -> float``
+            (:mod:`pyro_sgmcmc.samplers.schedules`), in per-datum units (an SGD learning
+            rate); after mass adaptation, relative to the whitened posterior. Default:
+            the kernel's ``default_step_size``.
+        temperature: cold-posterior temperature :math:`T` (0 gives the optimiser).
+        num_data: :math:`N` of the per-datum potential (default: the data plate's size;
+            1 for ``potential_fn``).
+        plate: name of the data plate, when it cannot be found automatically.
+        batching: ``"iid"`` minibatches (default; independent, with replacement) or
+            ``"epoch"`` (epoch-wise reshuffling, no gradient-noise correction).
+        adapt_mass_matrix: learn a diagonal preconditioner during warm-up.
+        thinning: sampler steps per retained draw.
+        max_divergences: non-finite steps tolerated before raising.
+        init_strategy: a Pyro init strategy.
+        transforms: constrained -> unconstrained transforms (``potential_fn`` mode).
+    """
+
+    _sampler: Any = None
+    #: Step size used when none is given.
+    default_step_size: float = 0.1
+
+    def __init__(
+        self,
+        model: Callable | None = None,
+        potential_fn: Callable | None = None,
+        *,
+        subsample_size: int | None = None,
+        step_size: float | Schedule | None = None,
+        temperature: float = 1.0,
+        num_data: int | None = None,
+        plate: str | None = None,
+        batching: str = "iid",
+        control_variates: bool | str = "auto",
+        adapt_mass_matrix: bool = True,
+        thinning: int = 1,
+        max_divergences: int = 20,
+        init_strategy: Callable = init_to_uniform,
+        transforms: dict | None = None,
+    ) -> None:
+        if (model is None) == (potential_fn is None):
+            raise ValueError("give exactly one of `model` or `potential_fn`")
+        if potential_fn is not None and subsample_size is not None:
+            raise ValueError(
+                "subsample_size needs a Pyro model with a data plate; a potential_fn does "
+                "its own minibatching"
+            )
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if thinning < 1:
+            raise ValueError(f"thinning must be a positive integer, got {thinning}")
+        if subsample_size is not None and subsample_size < 1:
+            raise ValueError(f"subsample_size must be a positive integer, got {subsample_size}")
+        if control_variates not in (True, False, "auto"):
+            raise ValueError(
+                f"control_variates must be True, False or 'auto', got {control_variates!r}"
+            )
+        self.model = model
+        self.potential_fn = potential_fn
+        self.subsample_size = subsample_size
+        self.step_size = self.default_step_size if step_size is None else step_size
+        self._schedule = as_schedule(self.step_size)
+        self.temperature = float(temperature)
+        self.num_data = num_data
+        self.plate = plate
+        self.batching = batching
+        self.control_variates = control_variates
+        self.adapt_mass_matrix = adapt_mass_matrix
+        self.thinning = int(thinning)
+        self.max_divergences = max_divergences
+        self.init_strategy = init_strategy
+        self.transforms = transforms
+        self._initial_params: dict[str, Tensor] | None = None
+        self.potential: PyroPotential | _FunctionPotential | None = None
+        self._log: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ Pyro's API
+    @property
+    def initial_params(self) -> dict[str, Tensor]:
+        return self._initial_params
+
+    @initial_params.setter
+    def initial_params(self, params: dict[str, Tensor]) -> None:
+        self._initial_params = {k: torch.as_tensor(v) for k, v in params.items()}
+
+    def setup(self, warmup_steps: int, *args, **kwargs) -> None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+        self._generator = torch.Generator().manual_seed(seed)
+        if self.model is not None:
+            self.potential = PyroPotential(
+                self.model,
+                args,
+                kwargs,
+                subsample_size=self.subsample_size,
+                plate=self.plate,
+                num_data=self.num_data,
+                init_strategy=self.init_strategy,
+                batching=self.batching,
+                generator=self._generator,
+            )
+            self.transforms = self.potential.transforms
+            if self._initial_params is None:
+                self._initial_params = self.potential.initial_params()
+        else:
+            self.potential = _FunctionPotential(self.potential_fn, int(self.num_data or 1))
+            if self._initial_params is None:
+                raise ValueError("potential_fn mode needs initial_params (pass them to MCMC)")
+        params = self._initial_params
+        device = next(iter(params.values())).device
+        if device.type != "cpu":
+            self._generator = torch.Generator(device=device).manual_seed(seed)
+            if isinstance(self.potential, PyroPotential) and self.potential.indices is not None:
+                self.potential.indices.generator = torch.Generator().manual_seed(seed + 1)
+        self._warmup_steps = warmup_steps
+        self._t = 0  # sampler steps taken
+        self._calls = 0  # sample() calls
+        self._divergences: list[int] = []
+        self._num_nonfinite = 0
+        self._inv_mass: dict[str, Tensor] | None = None
+        self._beta: float | dict[str, Tensor] = 0.0
+        # The windows centre the control variates too, so they run without adaptation.
+        self._windows = adaptation_windows(warmup_steps) if self.temperature > 0 else []
+        self._window_start = int(0.15 * warmup_steps)
+        self._welford = WelfordVariance()
+        self._noise: deque[dict[str, Tensor]] = deque(maxlen=20)
+        self._cv: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
+        self._cv_enabled = self._wants_control_variates(params)
+        self._state = self._init_state(params)
+        self._prev_state = self._state
+        self._last_u = torch.tensor(float("nan"))
+        self._update_log()
+
+    def _wants_control_variates(self, params) -> bool:
+        pot = self.potential
+        subsampled = (
+            isinstance(pot, PyroPotential)
+            and pot.subsample_size is not None
+            and pot.subsample_size < pot.plate_size
+        )
+        if not subsampled or self.control_variates is False:
+            if self.control_variates is True:
+                raise ValueError("control_variates=True needs a Pyro model with subsample_size")
+            return False
+        size = pot.plate_size * sum(v.numel() for v in params.values())
+        if size > _MAX_CV_TABLE:
+            if self.control_variates is True:
+                raise ValueError(
+                    f"control variates would store {size:.3g} per-example gradient entries "
+                    f"(data x parameters, limit {_MAX_CV_TABLE:.0e}); pass "
+                    "control_variates=False"
+                )
+            return False
+        return True
+
+    def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        warm = self._calls < self._warmup_steps
+        for _ in range(1 if warm else self.thinning):
+            self._one_step(warm)
+        self._calls += 1
+        if self._calls % 100 == 0 or self._calls == self._warmup_steps:
+            self._update_log()
+        return dict(self._state.params)
+
+    def logging(self) -> dict[str, str]:
+        return self._log
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {
+            "divergences": list(self._divergences),
+            "num_nonfinite_steps": self._num_nonfinite,
+            "step_size": self._schedule(self._t),
+        }
+
+    def cleanup(self) -> None:
+        self._prev_state = None
+
+    # ------------------------------------------------------------------ internals
+    def _init_state(self, params: dict[str, Tensor]):
+        return self._sampler.init(params)
+
+    def _sampler_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def inverse_mass_matrix(self) -> dict[str, Tensor] | None:
+        """The adapted diagonal preconditioner per site (``None`` before adaptation)."""
+        return self._inv_mass
+
+    def _one_step(self, warm: bool) -> None:
+        idx = self.potential.next_indices()
+        phi = self._state.params
+        u, grads = self.potential.potential_and_grad(phi, idx)
+        if self._cv is not None:
+            table, mean = self._cv
+            grads = {k: g + table[k][idx].mean(0) - mean[k] for k, g in grads.items()}
+        check = u + sum(g.sum() for g in grads.values())
+        if not torch.isfinite(check):
+            self._on_nonfinite(phi, idx, warm)
+            return
+        self._last_u = u
+        self._prev_state = self._state
+        self._state = self._sampler.step(
+            self._state,
+            grads,
+            self._schedule(self._t),
+            temperature=self.temperature,
+            num_data=self.potential.num_data,
+            inv_mass=self._inv_mass,
+            generator=self._generator,
+            **self._sampler_kwargs(),
+        )
+        self._t += 1
+        if warm and self._warmup_steps >= 20:
+            self._adapt(idx)
+
+    def _on_nonfinite(self, phi, idx, warm: bool) -> None:
+        self._num_nonfinite += 1
+        if not warm:
+            index = self._calls - self._warmup_steps
+            if not self._divergences or self._divergences[-1] != index:
+                self._divergences.append(index)
+        if self._num_nonfinite > self.max_divergences:
+            sites = self.potential.nonfinite_sites(phi, idx)
+            stage = "warm-up" if warm else "sampling"
+            raise NonFiniteError(
+                f"non-finite potential or gradient at step {self._t} ({stage}), sites "
+                f"{sites}; {self._num_nonfinite} non-finite steps in all (max_divergences="
+                f"{self.max_divergences}). Lower step_size (now {self._schedule(self._t):.3g}) "
+                "or check the model's log-density there"
+            )
+        # Undo the step that led here and restart the momenta from rest.
+        prev = self._prev_state
+        self._state = self._reset_momenta(prev)
+
+    def _reset_momenta(self, state):
+        if hasattr(state, "momenta"):
+            return state._replace(
+                momenta={k: torch.zeros_like(v) for k, v in state.momenta.items()}
+            )
+        return state
+
+    def _adapt(self, idx) -> None:
+        t = self._calls  # warm-up step index of this call
+        if self._estimates_noise() and t % 5 == 0:
+            # Per-example gradient variance in the raw coordinates: independent of D, so
+            # the noise estimate is right even before the preconditioner is.
+            self._noise.append(self._gradient_noise(idx))
+            if len(self._noise) % 5 == 0 or len(self._noise) == 2:
+                self._update_beta()
+        if t < self._window_start or not self._windows:
+            return
+        self._welford.update(self._state.params)
+        if t != self._windows[0]:
+            return
+        self._windows.pop(0)
+        self._window_start = t + 1
+        if self.adapt_mass_matrix:
+            tau = self.temperature / self.potential.num_data
+            new = {k: v / tau for k, v in self._welford.variance().items()}
+            self._state = self._rescale_momenta(self._state, self._inv_mass, new)
+            self._inv_mass = new
+        if self._cv_enabled:
+            self._set_cv_centre(self._welford.mean)
+        self._welford = WelfordVariance()
+        if self._noise:
+            self._update_beta()
+
+    def _set_cv_centre(self, centre: dict[str, Tensor]) -> None:
+        """Tabulate every datum's log-likelihood gradient at ``centre`` (one data pass).
+
+        With :math:`G_i = \\nabla \\log p(y_i \\mid \\hat\\theta)` the estimator is
+        :math:`\\nabla\\tilde U_B(\\theta) - \\nabla\\tilde U_B(\\hat\\theta)
+        + \\nabla U(\\hat\\theta) = \\nabla\\tilde U_B(\\theta) + \\frac1B\\sum_{i\\in B} G_i
+        - \\bar G`: the prior terms cancel.
+        """
+        table = self.potential.all_per_example_grads(centre)
+        self._cv = (table, {k: g.mean(0) for k, g in table.items()})
+        self._noise.clear()  # the noise left is a different (much smaller) quantity
+
+    def _gradient_noise(self, idx) -> dict[str, Tensor]:
+        """Variance over the batch of the per-example terms of the gradient estimator."""
+        grads = self.potential.per_example_grads(self._state.params, idx)
+        if self._cv is not None:
+            grads = {k: g - self._cv[0][k][idx] for k, g in grads.items()}
+        return {k: g.var(0) for k, g in grads.items()}
+
+    def _update_beta(self) -> None:
+        """beta = D Var[grad U~] / tau from the recent per-example gradient variances."""
+        b = self.potential.subsample_size
+        tau = self.temperature / self.potential.num_data
+        self._beta = {}
+        for k in self._noise[-1]:
+            var = sum(v[k] for v in self._noise) / len(self._noise)
+            d = 1.0 if self._inv_mass is None else self._inv_mass[k]
+            self._beta[k] = d * var / b / tau  # iid batches: Var[grad U~] = Var_i / B
+        self._on_new_beta()
+
+    def _estimates_noise(self) -> bool:
+        return False
+
+    def _on_new_beta(self) -> None:
+        pass
+
+    @staticmethod
+    def _rescale_momenta(state, old, new):
+        """Keep each momentum at its new stationary scale, sqrt(D_old / D_new)."""
+        if not hasattr(state, "momenta"):
+            return state
+        momenta = {
+            k: m * ((1.0 if old is None else old[k]) / new[k]).sqrt()
+            for k, m in state.momenta.items()
+        }
+        return state._replace(momenta=momenta)
+
+    def _update_log(self) -> None:
+        self._log = {
+            "step size": f"{self._schedule(self._t):.2e}",
+            "U": f"{float(self._last_u):.4g}",
+            "nonfinite": str(self._num_nonfinite),
+        }
+
+
+class SGLDKernel(SGMCMCKernel):
+    r"""Stochastic gradient Langevin dynamics as a Pyro MCMC kernel.
+
+    Update rule: :mod:`pyro_sgmcmc.samplers.sgld`. At ``temperature=0`` it is SGD.
+
+    All arguments are those of :class:`SGMCMCKernel`.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyro.infer import MCMC
+        >>> from pyro_sgmcmc import SGLDKernel
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)) as idx:
+        ...         pyro.sample("obs", dist.Normal(mu, 1.0), obs=y[idx])
+        >>> y = 3.0 + torch.randn(1000)
+        >>> mcmc = MCMC(SGLDKernel(model, subsample_size=50, step_size=0.1), num_samples=500,
+        ...             warmup_steps=500, disable_progbar=True)
+        >>> mcmc.run(y)
+        >>> abs(mcmc.get_samples()["mu"].mean() - y.mean()) < 0.1
+        tensor(True)
+    """
+
+    _sampler = sgld
+    default_step_size = 0.05
+
+
+class _MomentumKernel(SGMCMCKernel):
+    def __init__(
+        self,
+        model: Callable | None = None,
+        potential_fn: Callable | None = None,
+        *,
+        alpha: float = 2.0,
+        beta: float | str = "auto",
+        sigma: float = 1.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(model, potential_fn, **kwargs)
+        if alpha < 0 or sigma <= 0:
+            raise ValueError(f"need alpha >= 0 and sigma > 0, got alpha={alpha}, sigma={sigma}")
+        if not (beta == "auto" or (isinstance(beta, (int, float)) and beta >= 0)):
+            raise ValueError(f"beta must be 'auto' or a float >= 0, got {beta!r}")
+        self.alpha, self.beta, self.sigma = float(alpha), beta, float(sigma)
+
+    def setup(self, warmup_steps: int, *args, **kwargs) -> None:
+        super().setup(warmup_steps, *args, **kwargs)
+        self._alpha = self.alpha
+        self._clipped_warned = False
+        if self.beta != "auto":
+            self._beta = float(self.beta)
+
+    def _estimates_noise(self) -> bool:
+        return (
+            self.beta == "auto"
+            and self.temperature > 0
+            and self.batching == "iid"
+            and isinstance(self.potential, PyroPotential)
+            and self.potential.subsample_size is not None
+            and self.potential.subsample_size < self.potential.plate_size
+        )
+
+    def _on_new_beta(self) -> None:
+        # Noise can only be absorbed while beta <= 2 alpha: raise the friction to match.
+        if isinstance(self._beta, dict):
+            worst = max(float(b.max()) for b in self._beta.values())
+            self._alpha = max(self.alpha, 0.5 * worst)
+
+    @property
+    def friction(self) -> float:
+        """The friction in use: ``alpha``, raised to half the largest ``beta`` if needed."""
+        return self._alpha
+
+    def _sampler_kwargs(self) -> dict[str, Any]:
+        return {"alpha": self._alpha, "beta": self._beta, "sigma": self.sigma}
+
+
+class SGHMCKernel(_MomentumKernel):
+    r"""Stochastic gradient Hamiltonian Monte Carlo as a Pyro MCMC kernel.
+
+    Update rule: :mod:`pyro_sgmcmc.samplers.sghmc`. At ``temperature=0`` it is SGD with
+    momentum, learning rate :math:`\epsilon/\sigma^2` and momentum
+    :math:`1 - \epsilon\alpha/\sigma^2`.
+
+    Args:
+        alpha: friction :math:`\alpha`.
+        beta: gradient-noise estimate: ``"auto"`` (per-example gradients during
+            warm-up, with ``adapt_mass_matrix``) or a float.
+        sigma: momenta scale :math:`\sigma`.
+        **kwargs: those of :class:`SGMCMCKernel` (``model``, ``subsample_size``,
+            ``step_size``, ``temperature``, ``thinning``, ...).
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyro.infer import MCMC
+        >>> from pyro_sgmcmc import SGHMCKernel
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)) as idx:
+        ...         pyro.sample("obs", dist.Normal(mu, 1.0), obs=y[idx])
+        >>> y = 3.0 + torch.randn(1000)
+        >>> kernel = SGHMCKernel(model, subsample_size=50)
+        >>> mcmc = MCMC(kernel, num_samples=500, warmup_steps=500, disable_progbar=True)
+        >>> mcmc.run(y)
+        >>> abs(mcmc.get_samples()["mu"].mean() - y.mean()) < 0.1
+        tensor(True)
+    """
+
+    _sampler = sghmc
+
+    def _sampler_kwargs(self) -> dict[str, Any]:
+        kwargs = super()._sampler_kwargs()
+        step_size = self._schedule(self._t)
+        limit = self.sigma**2 / step_size  # momentum decay step_size * alpha / sigma^2 <= 1
+        if kwargs["alpha"] > limit and kwargs["alpha"] > self.alpha:
+            sampling = self._calls >= self._warmup_steps
+            if sampling and not self._clipped_warned:
+                warnings.warn(
+                    f"the minibatch gradient noise needs friction {kwargs['alpha']:.3g} but "
+                    f"step_size={step_size:.3g} allows at most {limit:.3g}: the posterior will "
+                    f"be too wide. Lower step_size below {self.sigma**2 / kwargs['alpha']:.3g} "
+                    "or raise subsample_size",
+                    stacklevel=2,
+                )
+                self._clipped_warned = True
+            kwargs["alpha"] = limit
+        sghmc.momentum_decay(step_size, kwargs["alpha"], self.sigma)
+        return kwargs
+
+
+class BAOAKernel(_MomentumKernel):
+    r"""BAOA-split underdamped Langevin dynamics as a Pyro MCMC kernel.
+
+    Update rule: :mod:`pyro_sgmcmc.samplers.baoa` (exact momentum refresh; second-order
+    configurational accuracy). Arguments as :class:`SGHMCKernel`.
+    """
+
+    _sampler = baoa
+
+
+class SGNHTKernel(_MomentumKernel):
+    r"""Stochastic gradient Nosé-Hoover thermostat as a Pyro MCMC kernel.
+
+    Update rule: :mod:`pyro_sgmcmc.samplers.sgnht`. The thermostat adapts the friction
+    to the unknown gradient noise, so ``beta`` defaults to 0 here.
+
+    Args:
+        alpha: the constant diffusion :math:`\alpha` and the thermostat's start.
+        thermostat_rate: :math:`\kappa` (``None``: the step size).
+        **kwargs: as :class:`SGHMCKernel`.
+    """
+
+    _sampler = sgnht
+
+    def __init__(self, model=None, potential_fn=None, *, thermostat_rate=None, beta=0.0, **kwargs):
+        super().__init__(model, potential_fn, beta=beta, **kwargs)
+        self.thermostat_rate = thermostat_rate
+
+    def _init_state(self, params):
+        return sgnht.init(params, alpha=self.alpha)
+
+    def _sampler_kwargs(self) -> dict[str, Any]:
+        return {**super()._sampler_kwargs(), "thermostat_rate": self.thermostat_rate}

@@ -1,0 +1,511 @@
+r"""Pyro model -> minibatch potential in unconstrained space.
+
+:class:`PyroPotential` turns an ordinary Pyro model into the per-datum potential
+
+.. math::
+
+    \tilde U(\phi) = -\frac{1}{N}\Big[\log p(\theta) + \log\Big|\frac{\partial\theta}
+        {\partial\phi}\Big| + \frac{N}{B}\sum_{i\in\text{batch}} \log p(y_i\mid\theta)\Big],
+    \qquad \theta = T(\phi),
+
+an unbiased estimate of :math:`-\frac1N \log p(\phi \mid y)` from a minibatch of
+size :math:`B`, where :math:`T` maps the unconstrained :math:`\phi` to each latent
+site's support (``biject_to``).
+
+Minibatches come from the model's data plate, written the idiomatic way::
+
+    def model(X, y):
+        w = pyro.sample("w", dist.Normal(0., 1.).expand([X.shape[1]]).to_event(1))
+        with pyro.plate("data", X.shape[0]) as idx:
+            pyro.sample("obs", dist.Bernoulli(logits=X[idx] @ w), obs=y[idx])
+
+The adapter pins the plate's indices (Pyro emits them as a ``sample`` message named
+after the plate, so conditioning on ``{"data": idx}`` replaces Pyro's own random
+subsample) and the plate's ``N / B`` scale does the rest. Every slot of a batch is
+uniform over the data, so the gradient is unbiased, and no step does O(N) work:
+
+* ``batching="iid"`` (default): independent batches of ``B`` indices drawn with
+  replacement. Successive gradient errors are independent, which is what SGMCMC
+  theory and the gradient-noise correction (``beta``) assume.
+* ``batching="epoch"``: a stream of epoch-wise permutations cut into batches of
+  exactly ``B`` (every datum once per epoch, as a shuffled ``DataLoader``). Errors
+  within an epoch are anti-correlated (they sum to ~0), so the per-step variance
+  overstates the noise the chain feels: measured on conjugate linear regression,
+  correcting for it left the posterior 30% too narrow.
+
+Site log-densities are summed here rather than by ``Trace.log_prob_sum``, which
+checks every site for NaNs (slow, and it breaks ``torch.func.vmap``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
+from pyro.poutine.subsample_messenger import _Subsample
+from torch import Tensor
+from torch.distributions import biject_to
+
+__all__ = ["IndexStream", "ModelError", "NonFiniteError", "PyroPotential"]
+
+
+class ModelError(ValueError):
+    """The model cannot be sampled as written; the message says what to change."""
+
+
+class NonFiniteError(RuntimeError):
+    """The potential or its gradient is NaN or infinite."""
+
+
+class IndexStream:
+    """Minibatch indices over ``range(size)``: iid, or epoch-wise permutations.
+
+    Each call returns ``batch_size`` indices. With ``replacement=True`` each batch is
+    drawn independently with replacement. Otherwise batches come from a stream of
+    permutations and never change size (the last batch of an epoch continues into
+    the next permutation). Either way every index slot is uniform over the data, so
+    minibatch estimates are unbiased.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> stream = IndexStream(10, 4, generator=g)
+        >>> sorted(torch.cat([stream() for _ in range(5)]).tolist()) == sorted(2 * list(range(10)))
+        True
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        replacement: bool = False,
+    ) -> None:
+        if not 1 <= batch_size <= size:
+            raise ValueError(f"batch_size must lie in [1, {size}], got {batch_size}")
+        self.size, self.batch_size, self.replacement = size, batch_size, replacement
+        self.generator, self.device = generator, device
+        self._perm = torch.empty(0, dtype=torch.long)
+        self._pos = 0
+
+    def _new_epoch(self) -> Tensor:
+        perm = torch.randperm(self.size, generator=self.generator)
+        return perm.to(self.device) if self.device is not None else perm
+
+    def __call__(self) -> Tensor:
+        if self.replacement:
+            idx = torch.randint(self.size, (self.batch_size,), generator=self.generator)
+            return idx.to(self.device) if self.device is not None else idx
+        if self.batch_size == self.size:
+            if self._perm.numel() == 0:
+                self._perm = torch.arange(self.size, device=self.device)
+            return self._perm
+        end = self._pos + self.batch_size
+        if end <= self._perm.numel():
+            batch = self._perm[self._pos : end]
+            self._pos = end
+            return batch
+        head = self._perm[self._pos :]
+        self._perm = self._new_epoch()
+        self._pos = self.batch_size - head.numel()
+        return (
+            torch.cat([head, self._perm[: self._pos]]) if head.numel() else self._perm[: self._pos]
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"perm": self._perm.clone(), "pos": self._pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._perm, self._pos = state["perm"].clone(), state["pos"]
+
+
+def _is_plate_site(site: dict) -> bool:
+    return site["type"] == "sample" and isinstance(site["fn"], _Subsample)
+
+
+def _frames(site: dict) -> dict[str, Any]:
+    return {f.name: f for f in site["cond_indep_stack"]}
+
+
+class PyroPotential:
+    """A Pyro model as a minibatch potential over its unconstrained latent sites.
+
+    Args:
+        model: a Pyro model (a callable with ``pyro.sample`` statements).
+        model_args, model_kwargs: the arguments the model is called with.
+        subsample_size: minibatch size ``B``; ``None`` uses the full data every step.
+        plate: name of the data plate; found automatically when exactly one
+            vectorised plate holds observed sites.
+        num_data: ``N`` in the per-datum potential; defaults to the data plate's size
+            (or 1 when the model has no data plate).
+        init_strategy: a Pyro init strategy (``init_to_uniform`` as NUTS,
+            ``init_to_median``, ``init_to_value(values=...)``, ...).
+        batching: ``"iid"`` (independent batches, with replacement) or ``"epoch"``
+            (epoch-wise reshuffling).
+        generator: source of the minibatch indices.
+
+    Attributes:
+        latent_names: the latent sites in model order.
+        transforms: per-site maps from constrained to unconstrained space (as
+            ``pyro.infer.mcmc.util.initialize_model`` returns them).
+        num_data: ``N``.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)) as idx:
+        ...         pyro.sample("obs", dist.Normal(mu, 1.0), obs=y[idx])
+        >>> pot = PyroPotential(model, (torch.randn(100),), subsample_size=10)
+        >>> phi = pot.initial_params()
+        >>> u, grads = pot.potential_and_grad(phi, pot.next_indices())
+        >>> sorted(grads), u.shape
+        (['mu'], torch.Size([]))
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        model_args: tuple = (),
+        model_kwargs: dict | None = None,
+        *,
+        subsample_size: int | None = None,
+        plate: str | None = None,
+        num_data: int | None = None,
+        init_strategy: Callable = init_to_uniform,
+        batching: str = "iid",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if batching not in ("iid", "epoch"):
+            raise ValueError(f"batching must be 'iid' or 'epoch', got {batching!r}")
+        self.batching = batching
+        self.model = model
+        self.model_args = tuple(model_args)
+        self.model_kwargs = dict(model_kwargs or {})
+        self.init_strategy = init_strategy
+        self.generator = generator
+
+        with pyro.validation_enabled(True):
+            try:
+                prototype = poutine.trace(model).get_trace(*self.model_args, **self.model_kwargs)
+            except Exception as e:
+                raise ModelError(f"the model failed on its own arguments: {e}") from e
+
+        plates = {name: site for name, site in prototype.nodes.items() if _is_plate_site(site)}
+        observed = [
+            site
+            for site in prototype.nodes.values()
+            if site["type"] == "sample" and site["is_observed"] and not _is_plate_site(site)
+        ]
+        self.plate_name = self._find_data_plate(plates, observed, plate, subsample_size)
+        self.plate_size = None if self.plate_name is None else plates[self.plate_name]["fn"].size
+        self.plate_dim = None
+        if self.plate_name is not None:
+            for site in observed:
+                frame = _frames(site).get(self.plate_name)
+                if frame is not None:
+                    self.plate_dim = frame.dim
+                    break
+        if subsample_size is not None:
+            if self.plate_name is None:
+                raise ModelError(
+                    "subsample_size was given but the model has no data plate: write the "
+                    "likelihood as `with pyro.plate('data', N) as idx: pyro.sample('obs', "
+                    "..., obs=y[idx])`, or drop subsample_size for full-batch sampling"
+                )
+            if not 1 <= subsample_size <= self.plate_size:
+                raise ModelError(
+                    f"subsample_size={subsample_size} must lie in [1, {self.plate_size}], "
+                    f"the size of plate '{self.plate_name}'"
+                )
+        self.subsample_size = subsample_size
+        self.num_data = int(num_data or self.plate_size or 1)
+
+        self._check_latents(prototype)
+        self.latent_names = [
+            name
+            for name, site in prototype.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not _is_plate_site(site)
+        ]
+        if not self.latent_names:
+            raise ModelError("the model has no latent sample sites to sample")
+        self._to_constrained = {
+            name: biject_to(prototype.nodes[name]["fn"].support) for name in self.latent_names
+        }
+        #: constrained -> unconstrained, keyed by site, as Pyro's MCMC expects.
+        self.transforms = {name: t.inv for name, t in self._to_constrained.items()}
+
+        device = next(iter(prototype.nodes[n]["value"] for n in self.latent_names)).device
+        self.indices = (
+            None
+            if self.plate_name is None
+            else IndexStream(
+                self.plate_size,
+                subsample_size or self.plate_size,
+                generator,
+                device=device,
+                replacement=batching == "iid" and subsample_size is not None,
+            )
+        )
+        self._check_minibatch_shapes()
+
+    # ------------------------------------------------------------------ set-up checks
+    @staticmethod
+    def _find_data_plate(plates, observed, plate, subsample_size) -> str | None:
+        if plate is not None:
+            if plate not in plates:
+                raise ModelError(
+                    f"plate '{plate}' is not in the model; its plates are {sorted(plates)}"
+                )
+            return plate
+        candidates = []
+        for site in observed:
+            for frame in site["cond_indep_stack"]:
+                if frame.vectorized and frame.name in plates and frame.name not in candidates:
+                    candidates.append(frame.name)
+        if len(candidates) > 1:
+            # Nested plates: the outermost one (its dim furthest left) holds the data.
+            dims = {}
+            for site in observed:
+                for frame in site["cond_indep_stack"]:
+                    if frame.name in candidates:
+                        dims[frame.name] = frame.dim
+            outer = min(candidates, key=lambda n: dims[n])
+            if subsample_size is not None and list(dims.values()).count(dims[outer]) > 1:
+                raise ModelError(
+                    f"several plates hold observed sites ({candidates}): name the data "
+                    "plate with plate='...'"
+                )
+            return outer
+        if candidates:
+            return candidates[0]
+        if subsample_size is not None and any(
+            not f.vectorized for s in observed for f in s["cond_indep_stack"]
+        ):
+            raise ModelError(
+                "the observed sites sit in a sequential plate (`for i in pyro.plate(...)`): "
+                "subsampling needs a vectorised plate, `with pyro.plate('data', N) as idx`"
+            )
+        return None
+
+    def _check_latents(self, trace) -> None:
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or _is_plate_site(site):
+                continue
+            fn = site["fn"]
+            if fn.support.is_discrete:
+                raise ModelError(
+                    f"latent site '{name}' is discrete ({type(fn).__name__}): gradient-based "
+                    "samplers need continuous latents; marginalise it out (e.g. with "
+                    "pyro.infer.config_enumerate and a mixture likelihood) or observe it"
+                )
+            if self.subsample_size is not None and self.plate_name in _frames(site):
+                raise ModelError(
+                    f"latent site '{name}' lies inside the subsampled plate "
+                    f"'{self.plate_name}': local (per-datum) latents are not supported with "
+                    "subsample_size; marginalise them out, move them outside the plate, or "
+                    "sample full batch (subsample_size=None)"
+                )
+
+    def _check_minibatch_shapes(self) -> None:
+        """Trace once on a minibatch: the data plate's sites must have its batch size."""
+        if self.plate_name is None:
+            return
+        idx = self.indices()
+        model = InitMessenger(self.init_strategy)(
+            poutine.condition(self.model, {self.plate_name: idx})
+        )
+        tr = self._run(model, validate=True)
+        batch = idx.numel()
+        for name, site in tr.nodes.items():
+            if site["type"] != "sample" or _is_plate_site(site) or not site["is_observed"]:
+                continue
+            if self.plate_name not in _frames(site):
+                continue
+            dim = _frames(site)[self.plate_name].dim
+            value = site["value"]
+            event = len(site["fn"].event_shape)
+            shape = value.shape[: value.dim() - event] if event else value.shape
+            size = shape[dim] if -dim <= len(shape) else 1
+            if size != batch:
+                raise ModelError(
+                    f"observed site '{name}' has {size} rows at the plate's dim {dim} where "
+                    f"the minibatch has {batch}: index the data with the plate's indices, "
+                    f"`with pyro.plate('{self.plate_name}', N) as idx: ... obs=y[idx]`"
+                )
+
+    # ------------------------------------------------------------------ evaluation
+    def constrain(self, phi: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Map unconstrained values to the sites' supports."""
+        return {name: self._to_constrained[name](phi[name]) for name in self.latent_names}
+
+    def unconstrain(self, theta: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Map constrained site values to unconstrained space."""
+        return {name: self.transforms[name](theta[name]) for name in self.latent_names}
+
+    def next_indices(self) -> Tensor | None:
+        """The next minibatch of data-plate indices (``None`` without a data plate)."""
+        return None if self.indices is None else self.indices()
+
+    def _run(self, model, validate=False):
+        """Trace ``model``; turn shape errors inside the data plate into a clear fix."""
+        with pyro.validation_enabled(validate):
+            try:
+                return poutine.trace(model).get_trace(*self.model_args, **self.model_kwargs)
+            except (ValueError, RuntimeError) as e:
+                text = str(e)
+                if self.subsample_size is not None and (
+                    "Shape mismatch inside plate" in text
+                    or "must match the size" in text
+                    or "shape" in text.lower()
+                ):
+                    raise ModelError(
+                        f"{text.splitlines()[0]}. With subsample_size the observed data and "
+                        "every per-datum covariate must be indexed with the plate's indices "
+                        f"(obs=y[idx]): `with pyro.plate('{self.plate_name}', N) as idx: "
+                        "... obs=y[idx]`"
+                    ) from e
+                raise
+
+    def _trace(self, phi, indices, validate=False):
+        data = self.constrain(phi)
+        if indices is not None:
+            data[self.plate_name] = indices
+        return self._run(poutine.condition(self.model, data), validate)
+
+    def _log_terms(self, phi, indices):
+        """(name, scaled log-density) of every site, then each latent's log-Jacobian."""
+        tr = self._trace(phi, indices)
+        for name, site in tr.nodes.items():
+            if site["type"] == "sample" and not _is_plate_site(site):
+                lp = site["fn"].log_prob(site["value"])
+                yield name, scale_and_mask(lp, site["scale"], site["mask"]).sum()
+        for name in self.latent_names:
+            jac = self._to_constrained[name].log_abs_det_jacobian(
+                phi[name], tr.nodes[name]["value"]
+            )
+            yield f"{name} (log-Jacobian)", jac.sum()
+
+    def _full_indices(self, phi, indices):
+        if indices is None and self.plate_name is not None:
+            return torch.arange(self.plate_size, device=next(iter(phi.values())).device)
+        return indices
+
+    def log_density_terms(
+        self, phi: dict[str, Tensor], indices: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Scaled log-density of each site and each latent's log-Jacobian, as scalars."""
+        return dict(self._log_terms(phi, self._full_indices(phi, indices)))
+
+    def potential(self, phi: dict[str, Tensor], indices: Tensor | None = None) -> Tensor:
+        """:math:`\\tilde U(\\phi)` on the minibatch ``indices`` (all data if ``None``)."""
+        total = sum(lp for _, lp in self._log_terms(phi, self._full_indices(phi, indices)))
+        return -total / self.num_data
+
+    def potential_and_grad(
+        self, phi: dict[str, Tensor], indices: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The potential and its gradient with respect to each unconstrained site."""
+        leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+        u = self.potential(leaves, indices)
+        grads = torch.autograd.grad(u, list(leaves.values()))
+        return u.detach(), dict(zip(leaves, grads, strict=True))
+
+    def per_example_log_likelihood(self, phi: dict[str, Tensor], indices: Tensor) -> Tensor:
+        """Unscaled log-likelihood of each datum in the minibatch, shape ``(B,)``."""
+        tr = self._trace(phi, indices)
+        total = 0.0
+        for site in tr.nodes.values():
+            if site["type"] != "sample" or _is_plate_site(site) or not site["is_observed"]:
+                continue
+            frame = _frames(site).get(self.plate_name)
+            if frame is None:
+                continue
+            lp = site["fn"].log_prob(site["value"])
+            if site["mask"] is not None:
+                lp = scale_and_mask(lp, 1.0, site["mask"])
+            lp = lp.movedim(frame.dim, 0).reshape(indices.numel(), -1).sum(-1)
+            total = total + lp
+        return total
+
+    def per_example_grads(self, phi: dict[str, Tensor], indices: Tensor) -> dict[str, Tensor]:
+        """Gradient of each datum's log-likelihood, shape ``(B, *site_shape)`` per site."""
+        leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+        ll = self.per_example_log_likelihood(leaves, indices)
+        b = ll.shape[0]
+        eye = torch.eye(b, dtype=ll.dtype, device=ll.device)
+        try:
+            jac = torch.autograd.grad(
+                ll, list(leaves.values()), eye, is_grads_batched=True, allow_unused=True
+            )
+        except RuntimeError:  # an op without a batching rule: one backward per datum
+            rows = [
+                torch.autograd.grad(
+                    ll[i], list(leaves.values()), retain_graph=True, allow_unused=True
+                )
+                for i in range(b)
+            ]
+            jac = [
+                None if rows[0][j] is None else torch.stack([r[j] for r in rows])
+                for j in range(len(leaves))
+            ]
+        return {
+            name: leaves[name].new_zeros((b, *leaves[name].shape)) if g is None else g.detach()
+            for name, g in zip(leaves, jac, strict=True)
+        }
+
+    def per_example_grad_variance(
+        self, phi: dict[str, Tensor], indices: Tensor
+    ) -> dict[str, Tensor]:
+        """Variance over the minibatch of each datum's log-likelihood gradient."""
+        return {k: g.var(0) for k, g in self.per_example_grads(phi, indices).items()}
+
+    def all_per_example_grads(
+        self, phi: dict[str, Tensor], chunk_size: int = 256
+    ) -> dict[str, Tensor]:
+        """Per-example log-likelihood gradients for the whole data plate, ``(N, ...)``."""
+        if self.plate_name is None:
+            raise ModelError("per-example gradients need a data plate")
+        device = next(iter(phi.values())).device
+        parts = [
+            self.per_example_grads(
+                phi, torch.arange(i, min(i + chunk_size, self.plate_size), device=device)
+            )
+            for i in range(0, self.plate_size, chunk_size)
+        ]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def initial_params(self, indices: Tensor | None = None, max_tries: int = 100) -> dict:
+        """Unconstrained initial values from the init strategy, retried until finite."""
+        if indices is None and self.indices is not None:
+            indices = self.indices()
+        cond = {} if indices is None else {self.plate_name: indices}
+        last_terms = None
+        for _ in range(max_tries):
+            tr = self._run(InitMessenger(self.init_strategy)(poutine.condition(self.model, cond)))
+            phi = {
+                name: self.transforms[name](tr.nodes[name]["value"].detach())
+                for name in self.latent_names
+            }
+            u, grads = self.potential_and_grad(phi, indices)
+            if torch.isfinite(u) and all(torch.isfinite(g).all() for g in grads.values()):
+                return phi
+            last_terms = self.log_density_terms(phi, indices)
+        bad = [k for k, v in last_terms.items() if not torch.isfinite(v)]
+        raise NonFiniteError(
+            f"no finite initial point in {max_tries} tries of {self.init_strategy}; "
+            f"non-finite log-density at sites {bad or sorted(last_terms)}"
+        )
+
+    def nonfinite_sites(self, phi: dict[str, Tensor], indices: Tensor | None) -> list[str]:
+        """Names of the sites whose log-density or gradient is not finite at ``phi``."""
+        bad = [k for k, v in self.log_density_terms(phi, indices).items() if not torch.isfinite(v)]
+        _, grads = self.potential_and_grad(phi, indices)
+        bad += [f"{k} (gradient)" for k, g in grads.items() if not torch.isfinite(g).all()]
+        bad += [f"{k} (value)" for k, v in phi.items() if not torch.isfinite(v).all()]
+        return bad

@@ -1,0 +1,40 @@
+"""Small helpers shared by the sampler steps (noise draws, preconditioner look-up)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def normal_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise with the shape, dtype and device of ``x``."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def inv_mass_of(inv_mass: dict[str, Tensor] | None, name: str) -> Tensor | float:
+    """The diagonal inverse mass of site ``name`` (1.0 when there is no preconditioner)."""
+    if inv_mass is None:
+        return 1.0
+    return inv_mass[name]
+
+
+def beta_of(beta: float | dict[str, Tensor], name: str) -> Tensor | float:
+    """The gradient-noise estimate of site ``name`` (a float applies to every site)."""
+    if isinstance(beta, dict):
+        return beta[name]
+    return beta
+
+
+def check_temperature(temperature: float, num_data: float) -> float:
+    """Per-datum temperature tau = T / N, with clear errors for bad values."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 gives the optimiser), got {temperature}")
+    if num_data <= 0:
+        raise ValueError(f"num_data must be positive, got {num_data}")
+    return temperature / num_data
+
+
+def check_step_size(step_size: float) -> None:
+    """Step sizes are positive: a negative one would ascend the potential."""
+    if not step_size > 0:
+        raise ValueError(f"step_size must be positive, got {step_size}")

@@ -1,0 +1,121 @@
+r"""Stochastic gradient Nosé-Hoover thermostat (Ding et al., 2014).
+
+SGHMC whose friction :math:`\xi` is a dynamic thermostat: it grows while the
+momenta are hotter than the target temperature and shrinks while they are colder,
+which absorbs unknown gradient noise without estimating it. With the SGHMC
+conventions of :mod:`pyro_sgmcmc.samplers.sghmc`:
+
+.. math::
+
+    m_{t+1} &= (1 - \epsilon\sigma^{-2}\xi_t)\, m_t - \nabla \tilde U(\theta_t)
+        + \mathcal N\!\big(0,\; \tau D^{-1} \max(2\alpha - \beta, 0)\big), \\
+    \theta_{t+1} &= \theta_t + \epsilon \sigma^{-2} D\, m_{t+1}, \\
+    \xi_{t+1} &= \xi_t + \kappa \big(T_{\mathrm{kin}}(m_{t+1}) - T\big),
+    \qquad T_{\mathrm{kin}}(m) = N \cdot \mathrm{mean}_i\, \epsilon\sigma^{-2} D_i m_i^2,
+
+where :math:`T_{\mathrm{kin}}` is the kinetic temperature (its stationary mean is
+:math:`T`), :math:`\alpha` the constant injected diffusion and :math:`\kappa` the
+thermostat rate (an inverse thermostat mass; any :math:`\kappa > 0` leaves the
+target invariant). :math:`\xi` is capped at :math:`\sigma^2/\epsilon`, where the
+momentum decay reaches 1: a far start can otherwise push it past, and the momenta
+then oscillate and blow up. The thermostat is shared by all sites of a chain. At
+:math:`T = 0`, SGNHT is SGD with momentum whose friction grows with the kinetic
+energy.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from pyro_sgmcmc.samplers._noise import (
+    beta_of,
+    check_step_size,
+    check_temperature,
+    inv_mass_of,
+    normal_like,
+)
+
+
+class SGNHTState(NamedTuple):
+    """Parameters, momenta and the thermostat (a scalar tensor)."""
+
+    params: dict[str, Tensor]
+    momenta: dict[str, Tensor]
+    xi: Tensor
+
+
+def init(
+    params: dict[str, Tensor], alpha: float = 1.0, momenta: dict[str, Tensor] | None = None
+) -> SGNHTState:
+    """Start at ``params`` with zero momenta and the thermostat at ``alpha``."""
+    params = {k: v.detach().clone() for k, v in params.items()}
+    if momenta is None:
+        momenta = {k: torch.zeros_like(v) for k, v in params.items()}
+    first = next(iter(params.values()))
+    xi = torch.tensor(float(alpha), dtype=first.dtype, device=first.device)
+    return SGNHTState(params, {k: v.detach().clone() for k, v in momenta.items()}, xi)
+
+
+def step(
+    state: SGNHTState,
+    grad: dict[str, Tensor],
+    step_size: float,
+    temperature: float = 1.0,
+    num_data: float = 1.0,
+    alpha: float = 1.0,
+    beta: float | dict[str, Tensor] = 0.0,
+    sigma: float = 1.0,
+    thermostat_rate: float | None = None,
+    inv_mass: dict[str, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> SGNHTState:
+    """One SGNHT step.
+
+    Args:
+        state: current parameters, momenta and thermostat.
+        grad: gradient of the per-datum potential at ``state.params``.
+        step_size: :math:`\\epsilon`.
+        temperature: cold-posterior :math:`T`.
+        num_data: :math:`N`.
+        alpha: the constant diffusion :math:`\\alpha` (Ding et al.'s :math:`A`).
+        beta: gradient-noise estimate, as in SGHMC.
+        sigma: :math:`\\sigma`, the momenta's prior standard deviation.
+        thermostat_rate: :math:`\\kappa`; ``None`` uses ``step_size``.
+        inv_mass: optional diagonal preconditioner :math:`D`.
+        generator: source of the Gaussian noise.
+
+    Example:
+        >>> import torch
+        >>> from pyro_sgmcmc.samplers import sgnht
+        >>> state = sgnht.init({"x": torch.zeros(4)}, alpha=1.0)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> for _ in range(100):
+        ...     state = sgnht.step(state, {"x": state.params["x"]}, 0.05, generator=g)
+        >>> bool(torch.isfinite(state.xi))
+        True
+    """
+    check_step_size(step_size)
+    tau = check_temperature(temperature, num_data)
+    kappa = step_size if thermostat_rate is None else thermostat_rate
+    lr = step_size / sigma**2
+    params, momenta = {}, {}
+    kinetic, count = 0.0, 0
+    for name, theta in state.params.items():
+        d = inv_mass_of(inv_mass, name)
+        m = (1.0 - lr * state.xi.to(theta.dtype)) * state.momenta[name] - grad[name]
+        if tau > 0:
+            var = tau * torch.clamp(
+                torch.as_tensor(2.0 * alpha - beta_of(beta, name), dtype=m.dtype), min=0.0
+            )
+            m = m + (var / d).sqrt() * normal_like(m, generator)
+        momenta[name] = m
+        params[name] = theta + lr * d * m
+        kinetic = kinetic + (lr * d * m.square()).sum().to(state.xi.dtype)
+        count += m.numel()
+    xi = state.xi + kappa * (num_data * kinetic / count - temperature)
+    # Past sigma^2 / step_size the momentum decay would turn negative (and the momenta
+    # oscillate and blow up), which a far start can provoke: cap the thermostat there.
+    return SGNHTState(params, momenta, torch.clamp(xi, max=1.0 / lr))
