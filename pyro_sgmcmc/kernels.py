@@ -97,6 +97,9 @@ class SGMCMCKernel(MCMCKernel):
             ``"epoch"`` (epoch-wise reshuffling, no gradient-noise correction).
         adapt_mass_matrix: learn a diagonal preconditioner during warm-up.
         thinning: sampler steps per retained draw.
+        jit_compile: trace the minibatch potential with ``torch.jit.trace`` (as Pyro's
+            HMC does); about 2x faster per step for small models. Not for models with
+            value-dependent Python control flow.
         max_divergences: non-finite steps tolerated before raising.
         init_strategy: a Pyro init strategy.
         transforms: constrained -> unconstrained transforms (``potential_fn`` mode).
@@ -120,6 +123,7 @@ class SGMCMCKernel(MCMCKernel):
         control_variates: bool | str = "auto",
         adapt_mass_matrix: bool = True,
         thinning: int = 1,
+        jit_compile: bool = False,
         max_divergences: int = 20,
         init_strategy: Callable = init_to_uniform,
         transforms: dict | None = None,
@@ -153,6 +157,7 @@ class SGMCMCKernel(MCMCKernel):
         self.control_variates = control_variates
         self.adapt_mass_matrix = adapt_mass_matrix
         self.thinning = int(thinning)
+        self.jit_compile = jit_compile
         self.max_divergences = max_divergences
         self.init_strategy = init_strategy
         self.transforms = transforms
@@ -182,6 +187,7 @@ class SGMCMCKernel(MCMCKernel):
                 num_data=self.num_data,
                 init_strategy=self.init_strategy,
                 batching=self.batching,
+                jit_compile=self.jit_compile,
                 generator=self._generator,
             )
             self.transforms = self.potential.transforms
@@ -278,7 +284,10 @@ class SGMCMCKernel(MCMCKernel):
         u, grads = self.potential.potential_and_grad(phi, idx)
         if self._cv is not None:
             table, mean = self._cv
-            grads = {k: g + table[k][idx].mean(0) - mean[k] for k, g in grads.items()}
+            grads = {
+                k: g.add_(torch.index_select(table[k], 0, idx).mean(0)).sub_(mean[k])
+                for k, g in grads.items()
+            }
         check = u + sum(g.sum() for g in grads.values())
         if not torch.isfinite(check):
             self._on_nonfinite(phi, idx, warm)
@@ -533,6 +542,19 @@ class SGHMCKernel(_MomentumKernel):
                 self._clipped_warned = True
             kwargs["alpha"] = limit
         sghmc.momentum_decay(step_size, kwargs["alpha"], self.sigma)
+        # The noise scale only changes with alpha, beta and D: compute it once per change.
+        key = (kwargs["alpha"], id(self._beta), id(self._inv_mass))
+        if key != getattr(self, "_noise_std_key", None):
+            self._noise_std = sghmc.momentum_noise_std(
+                self.temperature,
+                self.potential.num_data,
+                kwargs["alpha"],
+                self._beta,
+                self._inv_mass,
+                list(self._state.params),
+            )
+            self._noise_std_key = key
+        kwargs["noise_std"] = self._noise_std
         return kwargs
 
 

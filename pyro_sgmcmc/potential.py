@@ -39,6 +39,7 @@ checks every site for NaNs (slow, and it breaks ``torch.func.vmap``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -147,6 +148,10 @@ class PyroPotential:
             ``init_to_median``, ``init_to_value(values=...)``, ...).
         batching: ``"iid"`` (independent batches, with replacement) or ``"epoch"``
             (epoch-wise reshuffling).
+        jit_compile: trace the minibatch potential with ``torch.jit.trace`` on first
+            use (as Pyro's HMC does), removing Pyro's per-step Python overhead. Like
+            Pyro's, the trace is only valid for models without data-dependent Python
+            control flow.
         generator: source of the minibatch indices.
 
     Attributes:
@@ -179,11 +184,14 @@ class PyroPotential:
         num_data: int | None = None,
         init_strategy: Callable = init_to_uniform,
         batching: str = "iid",
+        jit_compile: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
         if batching not in ("iid", "epoch"):
             raise ValueError(f"batching must be 'iid' or 'epoch', got {batching!r}")
         self.batching = batching
+        self.jit_compile = jit_compile
+        self._jitted: dict[int, Callable] = {}
         self.model = model
         self.model_args = tuple(model_args)
         self.model_kwargs = dict(model_kwargs or {})
@@ -381,15 +389,17 @@ class PyroPotential:
     def _log_terms(self, phi, indices):
         """(name, scaled log-density) of every site, then each latent's log-Jacobian."""
         tr = self._trace(phi, indices)
-        for name, site in tr.nodes.items():
-            if site["type"] == "sample" and not _is_plate_site(site):
-                lp = site["fn"].log_prob(site["value"])
-                yield name, scale_and_mask(lp, site["scale"], site["mask"]).sum()
-        for name in self.latent_names:
-            jac = self._to_constrained[name].log_abs_det_jacobian(
-                phi[name], tr.nodes[name]["value"]
-            )
-            yield f"{name} (log-Jacobian)", jac.sum()
+        # Out-of-support values must give -inf/NaN here (a divergence), not raise.
+        with pyro.validation_enabled(False):
+            for name, site in tr.nodes.items():
+                if site["type"] == "sample" and not _is_plate_site(site):
+                    lp = site["fn"].log_prob(site["value"])
+                    yield name, scale_and_mask(lp, site["scale"], site["mask"]).sum()
+            for name in self.latent_names:
+                jac = self._to_constrained[name].log_abs_det_jacobian(
+                    phi[name], tr.nodes[name]["value"]
+                )
+                yield f"{name} (log-Jacobian)", jac.sum()
 
     def _full_indices(self, phi, indices):
         if indices is None and self.plate_name is not None:
@@ -412,9 +422,27 @@ class PyroPotential:
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The potential and its gradient with respect to each unconstrained site."""
         leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
-        u = self.potential(leaves, indices)
+        if self.jit_compile and indices is not None:
+            u = self._traced(leaves, indices)(indices, *leaves.values())
+        else:
+            u = self.potential(leaves, indices)
         grads = torch.autograd.grad(u, list(leaves.values()))
         return u.detach(), dict(zip(leaves, grads, strict=True))
+
+    def _traced(self, phi: dict[str, Tensor], indices: Tensor) -> Callable:
+        """``torch.jit.trace`` of the potential for batches of this size (cached)."""
+        fn = self._jitted.get(indices.numel())
+        if fn is None:
+            names = list(phi)
+
+            def potential(idx, *values):
+                return self.potential(dict(zip(names, values, strict=True)), idx)
+
+            with warnings.catch_warnings(), pyro.validation_enabled(False):
+                warnings.simplefilter("ignore")  # tracer warnings about Python values
+                fn = torch.jit.trace(potential, (indices, *phi.values()), check_trace=False)
+            self._jitted[indices.numel()] = fn
+        return fn
 
     def per_example_log_likelihood(self, phi: dict[str, Tensor], indices: Tensor) -> Tensor:
         """Unscaled log-likelihood of each datum in the minibatch, shape ``(B,)``."""
@@ -426,7 +454,8 @@ class PyroPotential:
             frame = _frames(site).get(self.plate_name)
             if frame is None:
                 continue
-            lp = site["fn"].log_prob(site["value"])
+            with pyro.validation_enabled(False):
+                lp = site["fn"].log_prob(site["value"])
             if site["mask"] is not None:
                 lp = scale_and_mask(lp, 1.0, site["mask"])
             lp = lp.movedim(frame.dim, 0).reshape(indices.numel(), -1).sum(-1)

@@ -32,6 +32,7 @@ then hotter than their nominal temperature, which does not bias :math:`\theta`.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -75,6 +76,32 @@ def momentum_decay(step_size: float, alpha: float, sigma: float = 1.0) -> float:
     return c
 
 
+def momentum_noise_std(
+    temperature: float,
+    num_data: float,
+    alpha: float,
+    beta: float | dict[str, Tensor] = 0.0,
+    inv_mass: dict[str, Tensor] | None = None,
+    names: list[str] | None = None,
+) -> dict[str, Tensor | float]:
+    """Per-site sd of the injected momentum noise, :math:`\\sqrt{\\tau\\max(2\\alpha-\\beta,
+    0)/D}`.
+
+    :func:`step` computes it itself; callers whose ``beta`` and ``inv_mass`` are frozen
+    (the kernels, after warm-up) compute it once and pass it as ``noise_std``.
+    """
+    tau = check_temperature(temperature, num_data)
+    names = names if names is not None else list(inv_mass if inv_mass is not None else beta)
+    out = {}
+    for name in names:
+        b, d = beta_of(beta, name), inv_mass_of(inv_mass, name)
+        if isinstance(b, Tensor) or isinstance(d, Tensor):
+            out[name] = (tau * torch.clamp(2.0 * alpha - torch.as_tensor(b), min=0.0) / d).sqrt()
+        else:
+            out[name] = math.sqrt(tau * max(2.0 * alpha - b, 0.0) / d)
+    return out
+
+
 def step(
     state: SGHMCState,
     grad: dict[str, Tensor],
@@ -86,6 +113,7 @@ def step(
     sigma: float = 1.0,
     inv_mass: dict[str, Tensor] | None = None,
     generator: torch.Generator | None = None,
+    noise_std: dict[str, Tensor | float] | None = None,
 ) -> SGHMCState:
     """One SGHMC step.
 
@@ -100,6 +128,7 @@ def step(
         sigma: :math:`\\sigma`, the prior standard deviation of the momenta.
         inv_mass: optional diagonal preconditioner :math:`D`.
         generator: source of the Gaussian noise.
+        noise_std: optional precomputed :func:`momentum_noise_std` for these arguments.
 
     Example:
         >>> import torch
@@ -115,15 +144,24 @@ def step(
     tau = check_temperature(temperature, num_data)
     c = momentum_decay(step_size, alpha, sigma)
     lr = step_size / sigma**2
+    if tau > 0 and noise_std is None:
+        noise_std = momentum_noise_std(
+            temperature, num_data, alpha, beta, inv_mass, list(state.params)
+        )
     params, momenta = {}, {}
     for name, theta in state.params.items():
         d = inv_mass_of(inv_mass, name)
-        m = (1.0 - c) * state.momenta[name] - grad[name]
+        # Fused in-place updates on fresh tensors: the inputs are never modified.
+        m = state.momenta[name].mul(1.0 - c).sub_(grad[name])
         if tau > 0:
-            var = tau * torch.clamp(
-                torch.as_tensor(2.0 * alpha - beta_of(beta, name), dtype=m.dtype), min=0.0
-            )
-            m = m + (var / d).sqrt() * normal_like(m, generator)
+            std = noise_std[name]
+            if isinstance(std, Tensor):
+                m.addcmul_(std, normal_like(m, generator))
+            else:
+                m.add_(normal_like(m, generator), alpha=std)
         momenta[name] = m
-        params[name] = theta + lr * d * m
+        if isinstance(d, Tensor):
+            params[name] = torch.addcmul(theta, d, m, value=lr)
+        else:
+            params[name] = theta.add(m, alpha=lr * d)
     return SGHMCState(params, momenta)
