@@ -8,11 +8,33 @@ subsample_size=32)`` and the rest of a Pyro workflow (``MCMC``, ``get_samples``,
 
 What a kernel adds to the bare sampler:
 
-* **Warm-up adaptation.** With ``adapt_mass_matrix=True`` a constant diagonal
-  preconditioner is learned from the warm-up draws in Stan-style doubling windows
-  (:mod:`pyro_sgmcmc.samplers.adaptation`) and frozen for sampling. With
-  ``beta="auto"`` the minibatch gradient noise is estimated in the same windows from
-  per-example gradients and subtracted from the injected noise (Chen et al., 2014).
+* **Warm-up** (at ``temperature > 0``, 20 or more warm-up steps), in Stan's layout
+  (:mod:`pyro_sgmcmc.samplers.adaptation`):
+
+  1. the initial buffer (15%) runs the sampler at temperature 0, i.e. as its
+     optimiser, to reach the mode, preconditioned RMSprop-like by
+     ``min(1, F^-1/2)`` from the per-example empirical Fisher :math:`F`, so that stiff
+     coordinates neither overflow nor stall;
+  2. doubling windows estimate the posterior variance of the draws; after each the
+     diagonal preconditioner becomes that variance times :math:`N/T` (the step size
+     is then relative to a whitened target with unit curvature). A chain that is
+     still drifting, or unstable, inflates its variance, so the estimate is capped
+     at 4x the inverse empirical Fisher at the window's mean (the per-datum
+     curvature near the mode) and at 4x the previous window's. The
+     **control variates** are re-centred at the window's mean;
+  3. the last 10% samples with everything frozen.
+
+  With ``beta="auto"`` the minibatch gradient noise is estimated throughout from
+  per-example gradients (of the control-variate estimator, once it is on) and
+  subtracted from the injected noise (Chen et al., 2014); the friction rises to
+  ``beta / 2`` where needed, and the step size shrinks to keep
+  ``step_size * friction <= sigma^2``.
+* **Control variates** (``control_variates="auto"``: on when the per-example
+  gradient table, data x parameters, has at most 2e7 entries): the minibatch
+  gradient becomes :math:`\\nabla\\tilde U_B(\\theta) - \\nabla\\tilde U_B(\\hat\\theta)
+  + \\nabla U(\\hat\\theta)`, still unbiased, with noise that vanishes as
+  :math:`\\theta \\to \\hat\\theta` (Baker et al., 2019). One pass over the data per
+  window, then an O(B) gather per step.
 * **Thinning.** Pyro's MCMC has none; here each retained draw is ``thinning``
   sampler steps (warm-up steps are never thinned).
 * **Non-finite steps.** A step whose potential or gradient is NaN/inf is undone
@@ -45,6 +67,22 @@ __all__ = ["BAOAKernel", "SGHMCKernel", "SGLDKernel", "SGMCMCKernel", "SGNHTKern
 
 #: Largest per-example gradient table (data x parameters) that control variates keep.
 _MAX_CV_TABLE = 2e7
+#: Largest factor by which one adaptation window may raise the inverse mass.
+_MAX_MASS_GROWTH = 4.0
+#: Largest inverse mass relative to the inverse empirical Fisher at the window's centre.
+_MAX_FISHER_RATIO = 4.0
+
+
+def _inverse_fisher(grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    """:math:`D = \\min(1, F^{-1/2})` from the diagonal empirical Fisher
+    :math:`F = \\overline{g_i^2}` of the per-example gradients, RMSprop's scaling.
+
+    Used only while the initial buffer optimises towards the mode: each coordinate
+    then moves about one step size per step however steep it is, so stiff
+    coordinates do not overflow and far-off ones do not stall (``1/F`` stalls where the
+    gradient is large, and underestimates curvature where the model fits badly).
+    """
+    return {k: torch.clamp(g.square().mean(0), min=1.0).rsqrt() for k, g in grads.items()}
 
 
 class _FunctionPotential:
@@ -213,6 +251,9 @@ class SGMCMCKernel(MCMCKernel):
         # The windows centre the control variates too, so they run without adaptation.
         self._windows = adaptation_windows(warmup_steps) if self.temperature > 0 else []
         self._window_start = int(0.15 * warmup_steps)
+        # The initial buffer runs the sampler at T = 0 (its optimiser) to reach the mode:
+        # variance windows on a still-drifting chain would overestimate the mass.
+        self._buffer_end = self._window_start if self._windows else 0
         self._welford = WelfordVariance()
         self._noise: deque[dict[str, Tensor]] = deque(maxlen=20)
         self._cv: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
@@ -264,6 +305,8 @@ class SGMCMCKernel(MCMCKernel):
         }
 
     def cleanup(self) -> None:
+        # As Pyro's HMC: the next chain draws its own initial point unless MCMC sets one.
+        self._initial_params = None
         self._prev_state = None
 
     # ------------------------------------------------------------------ internals
@@ -273,10 +316,17 @@ class SGMCMCKernel(MCMCKernel):
     def _sampler_kwargs(self) -> dict[str, Any]:
         return {}
 
+    def _step_size(self) -> float:
+        return self._schedule(self._t)
+
     @property
     def inverse_mass_matrix(self) -> dict[str, Tensor] | None:
         """The adapted diagonal preconditioner per site (``None`` before adaptation)."""
         return self._inv_mass
+
+    @property
+    def _optimising(self) -> bool:
+        return self._calls < self._buffer_end
 
     def _one_step(self, warm: bool) -> None:
         idx = self.potential.next_indices()
@@ -297,8 +347,8 @@ class SGMCMCKernel(MCMCKernel):
         self._state = self._sampler.step(
             self._state,
             grads,
-            self._schedule(self._t),
-            temperature=self.temperature,
+            self._step_size(),
+            temperature=0.0 if self._optimising else self.temperature,
             num_data=self.potential.num_data,
             inv_mass=self._inv_mass,
             generator=self._generator,
@@ -336,11 +386,15 @@ class SGMCMCKernel(MCMCKernel):
 
     def _adapt(self, idx) -> None:
         t = self._calls  # warm-up step index of this call
-        if self._estimates_noise() and t % 5 == 0:
-            # Per-example gradient variance in the raw coordinates: independent of D, so
-            # the noise estimate is right even before the preconditioner is.
-            self._noise.append(self._gradient_noise(idx))
-            if len(self._noise) % 5 == 0 or len(self._noise) == 2:
+        noise = self._estimates_noise() and t % 5 == 0
+        fisher = self._fisher_preconditions() and t < self._window_start and t % 10 == 0
+        if noise or fisher:
+            grads = self.potential.per_example_grads(self._state.params, idx)
+            if fisher:
+                self._set_inv_mass(_inverse_fisher(grads))
+            if noise:
+                self._noise.append(self._gradient_noise(idx, grads))
+            if self._noise and (fisher or len(self._noise) % 5 == 0 or len(self._noise) == 2):
                 self._update_beta()
         if t < self._window_start or not self._windows:
             return
@@ -349,16 +403,52 @@ class SGMCMCKernel(MCMCKernel):
             return
         self._windows.pop(0)
         self._window_start = t + 1
+        if self._cv_enabled:
+            self._set_cv_centre(self._welford.mean)
         if self.adapt_mass_matrix:
             tau = self.temperature / self.potential.num_data
             new = {k: v / tau for k, v in self._welford.variance().items()}
-            self._state = self._rescale_momenta(self._state, self._inv_mass, new)
-            self._inv_mass = new
-        if self._cv_enabled:
-            self._set_cv_centre(self._welford.mean)
+            if self._cv is not None:
+                # An unstable or drifting chain inflates its variance, and a larger D
+                # makes it more unstable. Near the mode the empirical Fisher F of the
+                # table is the per-datum curvature, so D = 1/F whitens: allow 4x that.
+                table = self._cv[0]
+                new = {
+                    k: torch.minimum(v, _MAX_FISHER_RATIO / table[k].square().mean(0))
+                    for k, v in new.items()
+                }
+            if self._inv_mass is not None:
+                # Without it, grow D at most 4x per window, for the same reason.
+                new = {
+                    k: torch.minimum(v, _MAX_MASS_GROWTH * self._inv_mass[k])
+                    for k, v in new.items()
+                }
+            self._set_inv_mass(new)
         self._welford = WelfordVariance()
         if self._noise:
             self._update_beta()
+
+    def _gradient_noise(self, idx, grads=None) -> dict[str, Tensor]:
+        """Batch variance of the estimator's per-example terms, in raw coordinates (so
+        independent of D)."""
+        if grads is None:
+            grads = self.potential.per_example_grads(self._state.params, idx)
+        if self._cv is not None:
+            grads = {k: g - self._cv[0][k][idx] for k, g in grads.items()}
+        return {k: g.var(0) for k, g in grads.items()}
+
+    def _fisher_preconditions(self) -> bool:
+        """Before the first variance window, precondition with the empirical Fisher."""
+        return (
+            self.adapt_mass_matrix
+            and bool(self._windows)
+            and isinstance(self.potential, PyroPotential)
+            and self.potential.plate_name is not None
+        )
+
+    def _set_inv_mass(self, new: dict[str, Tensor]) -> None:
+        self._state = self._rescale_momenta(self._state, self._inv_mass, new)
+        self._inv_mass = new
 
     def _set_cv_centre(self, centre: dict[str, Tensor]) -> None:
         """Tabulate every datum's log-likelihood gradient at ``centre`` (one data pass).
@@ -371,13 +461,6 @@ class SGMCMCKernel(MCMCKernel):
         table = self.potential.all_per_example_grads(centre)
         self._cv = (table, {k: g.mean(0) for k, g in table.items()})
         self._noise.clear()  # the noise left is a different (much smaller) quantity
-
-    def _gradient_noise(self, idx) -> dict[str, Tensor]:
-        """Variance over the batch of the per-example terms of the gradient estimator."""
-        grads = self.potential.per_example_grads(self._state.params, idx)
-        if self._cv is not None:
-            grads = {k: g - self._cv[0][k][idx] for k, g in grads.items()}
-        return {k: g.var(0) for k, g in grads.items()}
 
     def _update_beta(self) -> None:
         """beta = D Var[grad U~] / tau from the recent per-example gradient variances."""
@@ -489,7 +572,8 @@ class _MomentumKernel(SGMCMCKernel):
         return self._alpha
 
     def _sampler_kwargs(self) -> dict[str, Any]:
-        return {"alpha": self._alpha, "beta": self._beta, "sigma": self.sigma}
+        alpha = self.alpha if self._optimising else self._alpha
+        return {"alpha": alpha, "beta": self._beta, "sigma": self.sigma}
 
 
 class SGHMCKernel(_MomentumKernel):
@@ -527,21 +611,7 @@ class SGHMCKernel(_MomentumKernel):
 
     def _sampler_kwargs(self) -> dict[str, Any]:
         kwargs = super()._sampler_kwargs()
-        step_size = self._schedule(self._t)
-        limit = self.sigma**2 / step_size  # momentum decay step_size * alpha / sigma^2 <= 1
-        if kwargs["alpha"] > limit and kwargs["alpha"] > self.alpha:
-            sampling = self._calls >= self._warmup_steps
-            if sampling and not self._clipped_warned:
-                warnings.warn(
-                    f"the minibatch gradient noise needs friction {kwargs['alpha']:.3g} but "
-                    f"step_size={step_size:.3g} allows at most {limit:.3g}: the posterior will "
-                    f"be too wide. Lower step_size below {self.sigma**2 / kwargs['alpha']:.3g} "
-                    "or raise subsample_size",
-                    stacklevel=2,
-                )
-                self._clipped_warned = True
-            kwargs["alpha"] = limit
-        sghmc.momentum_decay(step_size, kwargs["alpha"], self.sigma)
+        sghmc.momentum_decay(self._step_size(), kwargs["alpha"], self.sigma)
         # The noise scale only changes with alpha, beta and D: compute it once per change.
         key = (kwargs["alpha"], id(self._beta), id(self._inv_mass))
         if key != getattr(self, "_noise_std_key", None):
@@ -556,6 +626,25 @@ class SGHMCKernel(_MomentumKernel):
             self._noise_std_key = key
         kwargs["noise_std"] = self._noise_std
         return kwargs
+
+    def _step_size(self) -> float:
+        """The schedule's step size, shrunk so that the momentum decay
+        ``step_size * alpha / sigma^2`` stays <= 1 when the friction had to rise to absorb
+        minibatch noise (beta <= 2 alpha); under-compensated noise would heat the chain."""
+        step_size = self._schedule(self._t)
+        limit = self.sigma**2 / self._alpha
+        if self._alpha > self.alpha and step_size > limit and not self._optimising:
+            if self._calls >= self._warmup_steps and not self._clipped_warned:
+                warnings.warn(
+                    f"step_size {step_size:.3g} is reduced to {limit:.3g} during sampling: "
+                    f"the minibatch gradient noise needs friction {self._alpha:.3g}, and "
+                    "step_size * friction / sigma^2 must stay <= 1. Raise subsample_size, "
+                    "or keep control variates on, for larger steps",
+                    stacklevel=3,
+                )
+                self._clipped_warned = True
+            return limit
+        return step_size
 
 
 class BAOAKernel(_MomentumKernel):

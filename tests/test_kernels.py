@@ -71,12 +71,19 @@ def test_conjugate_linear_regression_subsampled(linreg, name):
     assert ratio.min() > 0.8 and ratio.max() < 1.25, ratio
 
 
-def test_sghmc_full_batch_and_cold_posterior_halves_variance(linreg):
+@pytest.mark.parametrize("subsample_size", [None, 30])
+def test_sghmc_cold_posterior_halves_variance(linreg, subsample_size):
     X, y, mean, cov = linreg
     sd = cov.diag().sqrt()
     var = {}
     for temperature in (1.0, 0.5):
-        kernel = SGHMCKernel(linreg_model, step_size=0.05, alpha=2.0, temperature=temperature)
+        kernel = SGHMCKernel(
+            linreg_model,
+            subsample_size=subsample_size,
+            step_size=0.05,
+            alpha=2.0,
+            temperature=temperature,
+        )
         w = run(kernel, X, y, num_samples=4000).get_samples()["w"]
         assert ((w.mean(0) - mean) / sd).abs().max() < 0.3
         var[temperature] = w.var(0) / cov.diag()
@@ -300,3 +307,37 @@ def test_error_argument_validation():
         SGHMCKernel(linreg_model, beta="often")
     with pytest.raises(ValueError, match="initial_params"):
         setup_kernel(SGHMCKernel(potential_fn=lambda p: p["x"].sum()))
+
+
+def test_unknown_noise_scale_normal_inverse_gamma_exact():
+    """y ~ N(Xw, s2), w | s2 ~ N(0, s2 I), s2 ~ InverseGamma(a, b): conjugate, so
+    E[w] = m_n, E[s2] = b_n / (a_n - 1), Var[w] = b_n / (a_n - 1) V_n exactly; the
+    positive scale couples with w, and the default kernels start from init_to_uniform,
+    where s2 can be far off (the warm-up must not diverge)."""
+    g = torch.Generator().manual_seed(5)
+    n, a, b = 1500, 2.0, 1.0
+    X = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    y = X @ torch.tensor([1.0, -2.0], dtype=torch.float64) + 0.7 * torch.randn(
+        n, generator=g, dtype=torch.float64
+    )
+
+    def model(X, y):
+        s2 = pyro.sample("s2", dist.InverseGamma(torch.tensor(a, dtype=X.dtype), b))
+        w = pyro.sample("w", dist.Normal(X.new_zeros(2), s2.sqrt()).to_event(1))
+        with pyro.plate("data", X.shape[0]) as idx:
+            pyro.sample("obs", dist.Normal(X[idx] @ w, s2.sqrt()), obs=y[idx])
+
+    v_n = torch.linalg.inv(X.T @ X + torch.eye(2, dtype=X.dtype))
+    m_n = v_n @ X.T @ y
+    a_n = a + n / 2
+    b_n = b + 0.5 * (y @ y - m_n @ torch.linalg.inv(v_n) @ m_n)
+    s2_mean = b_n / (a_n - 1)
+    w_sd = (s2_mean * v_n.diag()).sqrt()
+    s2_sd = s2_mean / (a_n - 2) ** 0.5
+    for kernel in (SGHMCKernel(model, subsample_size=32), BAOAKernel(model, subsample_size=32)):
+        s = run(kernel, X, y, num_samples=3000, warmup_steps=700).get_samples()
+        assert ((s["w"].mean(0) - m_n) / w_sd).abs().max() < 0.3
+        assert abs(s["s2"].mean() - s2_mean) < 0.3 * s2_sd
+        ratio = s["w"].std(0) / w_sd
+        assert ratio.min() > 0.8 and ratio.max() < 1.25, ratio
+        assert 0.75 < s["s2"].std() / s2_sd < 1.3
