@@ -38,12 +38,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pyro_sgmcmc.samplers._noise import (
+from pyro_sgmcmc.samplers._common import (
     beta_of,
     check_step_size,
     check_temperature,
     inv_mass_of,
     normal_like,
+    params_and_momenta,
 )
 
 
@@ -56,10 +57,7 @@ class SGHMCState(NamedTuple):
 
 def init(params: dict[str, Tensor], momenta: dict[str, Tensor] | None = None) -> SGHMCState:
     """Start at ``params`` with zero momenta (or the given ones)."""
-    params = {k: v.detach().clone() for k, v in params.items()}
-    if momenta is None:
-        momenta = {k: torch.zeros_like(v) for k, v in params.items()}
-    return SGHMCState(params, {k: v.detach().clone() for k, v in momenta.items()})
+    return SGHMCState(*params_and_momenta(params, momenta))
 
 
 def momentum_decay(step_size: float, alpha: float, sigma: float = 1.0) -> float:

@@ -18,7 +18,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pyro_sgmcmc.samplers._noise import check_step_size, check_temperature, inv_mass_of, normal_like
+from pyro_sgmcmc.samplers._common import (
+    check_step_size,
+    check_temperature,
+    copy_params,
+    inv_mass_of,
+    normal_like,
+)
 
 
 class SGLDState(NamedTuple):
@@ -29,7 +35,7 @@ class SGLDState(NamedTuple):
 
 def init(params: dict[str, Tensor]) -> SGLDState:
     """Start SGLD at ``params`` (copied, so the caller's tensors are never modified)."""
-    return SGLDState({k: v.detach().clone() for k, v in params.items()})
+    return SGLDState(copy_params(params))
 
 
 def step(

@@ -30,12 +30,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pyro_sgmcmc.samplers._noise import (
+from pyro_sgmcmc.samplers._common import (
     beta_of,
     check_step_size,
     check_temperature,
     inv_mass_of,
     normal_like,
+    params_and_momenta,
 )
 
 
@@ -51,12 +52,10 @@ def init(
     params: dict[str, Tensor], alpha: float = 1.0, momenta: dict[str, Tensor] | None = None
 ) -> SGNHTState:
     """Start at ``params`` with zero momenta and the thermostat at ``alpha``."""
-    params = {k: v.detach().clone() for k, v in params.items()}
-    if momenta is None:
-        momenta = {k: torch.zeros_like(v) for k, v in params.items()}
+    params, momenta = params_and_momenta(params, momenta)
     first = next(iter(params.values()))
     xi = torch.tensor(float(alpha), dtype=first.dtype, device=first.device)
-    return SGNHTState(params, {k: v.detach().clone() for k, v in momenta.items()}, xi)
+    return SGNHTState(params, momenta, xi)
 
 
 def step(

@@ -1,4 +1,4 @@
-"""Small helpers shared by the sampler steps (noise draws, preconditioner look-up)."""
+"""Small helpers shared by the sampler steps: copies, noise draws, argument checks."""
 
 from __future__ import annotations
 
@@ -38,3 +38,18 @@ def check_step_size(step_size: float) -> None:
     """Step sizes are positive: a negative one would ascend the potential."""
     if not step_size > 0:
         raise ValueError(f"step_size must be positive, got {step_size}")
+
+
+def copy_params(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detached copies, so that a state never aliases the caller's tensors."""
+    return {k: v.detach().clone() for k, v in params.items()}
+
+
+def params_and_momenta(
+    params: dict[str, Tensor], momenta: dict[str, Tensor] | None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Copies of ``params`` and of ``momenta`` (zeros when ``None``), for ``init``."""
+    params = copy_params(params)
+    if momenta is None:
+        return params, {k: torch.zeros_like(v) for k, v in params.items()}
+    return params, copy_params(momenta)
