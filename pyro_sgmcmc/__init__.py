@@ -5,6 +5,7 @@ Swap ``NUTS(model)`` for ``SGHMCKernel(model, subsample_size=32)`` in
 :mod:`pyro_sgmcmc.samplers` with :class:`pyro_sgmcmc.nn.ModulePotential`.
 """
 
+from pyro_sgmcmc.chains import MCMC
 from pyro_sgmcmc.kernels import (
     BAOAKernel,
     SGHMCKernel,
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BAOAKernel",
+    "MCMC",
     "ModelError",
     "NonFiniteError",
     "PyroPotential",

@@ -185,6 +185,11 @@ def _check_like(v: Mapping[str, Tensor], params: Mapping[str, Tensor], name: str
             )
 
 
+def _detached(params: Mapping[str, Tensor]) -> Params:
+    """Curvature is a value, not part of the caller's graph (``nn.Parameter``s included)."""
+    return {k: p.detach() for k, p in params.items()}
+
+
 def _check_mode(mode: str) -> None:
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -406,17 +411,20 @@ def hvp(f: Callable[[Params], Tensor], params: Params, v: Params, *, mode: str =
     """
     _check_like(v, params, "v")
     _check_mode(mode)
+    params, v = _detached(params), _detached(v)
     if mode != "reverse":
         try:
-            return dict(jvp(grad(f), (dict(params),), (dict(v),))[1])
+            return dict(jvp(grad(f), (params,), (v,))[1])
         except _UNSUPPORTED:
             if mode == "forward":
                 raise
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
     with torch.enable_grad():
         out = f(leaves)
-        grads = torch.autograd.grad(out, list(leaves.values()), create_graph=True)
-        gv = sum((g * v[k]).sum() for g, k in zip(grads, leaves, strict=True))
+        grads = torch.autograd.grad(
+            out, list(leaves.values()), create_graph=True, allow_unused=True
+        )
+        gv = sum((g * v[k]).sum() for g, k in zip(grads, leaves, strict=True) if g is not None)
         hv = torch.autograd.grad(gv, list(leaves.values()), allow_unused=True)
     return {
         k: torch.zeros_like(p) if h is None else h
@@ -434,7 +442,7 @@ def _jvp_vjp(
     """:math:`J^\\top M(f, J v)`, :math:`J` the Jacobian of ``f`` at ``params``, never formed."""
     _check_like(v, params, "v")
     _check_mode(mode)
-    params, v = dict(params), dict(v)
+    params, v = _detached(params), _detached(v)
     if mode != "reverse":
         try:
             out, jv = jvp(f, (params,), (v,))
@@ -448,8 +456,10 @@ def _jvp_vjp(
     with torch.enable_grad():
         out = f(leaves)
         u = torch.zeros_like(out, requires_grad=True)
-        jtu = torch.autograd.grad(out, list(leaves.values()), u, create_graph=True)
-        dot = sum((g * v[k]).sum() for g, k in zip(jtu, leaves, strict=True))
+        jtu = torch.autograd.grad(
+            out, list(leaves.values()), u, create_graph=True, allow_unused=True
+        )
+        dot = sum((g * v[k]).sum() for g, k in zip(jtu, leaves, strict=True) if g is not None)
         (jv,) = torch.autograd.grad(dot, u)
         res = torch.autograd.grad(
             out, list(leaves.values()), middle(out.detach(), jv), allow_unused=True
@@ -548,7 +558,7 @@ def per_example_grads(log_lik: LogLikFn, params: Params, x: Any, y: Any) -> Para
         tensor([[1.],
                 [0.]])
     """
-    params = {k: p.detach() for k, p in params.items()}
+    params = _detached(params)
     b = _batch_size(x)
 
     def one(p: Params, xi: Any, yi: Any) -> Tensor:
@@ -567,7 +577,7 @@ def per_example_grads(log_lik: LogLikFn, params: Params, x: Any, y: Any) -> Para
 
 def _per_example_jacobians(fn: ModelFn, params: Params, x: Any) -> Params:
     """:math:`J_i` per parameter, shape ``(B, *output_i.shape, P_k)`` (the parameter flattened)."""
-    params = {k: p.detach() for k, p in params.items()}
+    params = _detached(params)
 
     def one(p: Params, xi: Any) -> Tensor:
         return fn(p, _tree_map(lambda t: t.unsqueeze(0), xi))[0]
@@ -588,7 +598,7 @@ def _ggn_from_jacobians(
     """Per-example Jacobians and :math:`H J`, both ``(B, *output_i.shape, P_k)`` per parameter."""
     lik = _as_likelihood(likelihood)
     with torch.no_grad():
-        out = fn({k: p.detach() for k, p in params.items()}, x)
+        out = fn(_detached(params), x)
     jac = _per_example_jacobians(fn, params, x)
     return jac, {k: lik.hessian_mvp(out, j) for k, j in jac.items()}
 
@@ -672,7 +682,7 @@ def _mc_fisher(
         raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
     b = _batch_size(x)
     per_chunk = max(1, chunk_size // b)
-    params = {k: p.detach() for k, p in params.items()}
+    params = _detached(params)
     acc: Any = None
     done = 0
     while done < num_samples:
@@ -1090,13 +1100,14 @@ def _output_cotangents(
     """Cotangents ``(R, *out.shape)`` on the network output whose backprops give the g's."""
     if variant == "ggn":
         return lik.hessian_factor(out)
-    f = out.detach().requires_grad_(True)
     if variant == "ef":
-        ys = [y.to(out.device)]
-    else:
-        ys = [lik.sample(f, generator) for _ in range(num_samples)]
-    cols = [torch.autograd.grad(lik.log_prob(f, yi).sum(), f)[0] for yi in ys]
-    return torch.stack(cols) / math.sqrt(len(ys))
+        f = out.detach().requires_grad_(True)
+        (col,) = torch.autograd.grad(lik.log_prob(f, y.to(out.device)).sum(), f)
+        return col.unsqueeze(0)
+    # num_samples copies of the batch, one draw each: every score in one pass.
+    f = out.detach().repeat(num_samples, *([1] * (out.dim() - 1))).requires_grad_(True)
+    (cols,) = torch.autograd.grad(lik.log_prob(f, lik.sample(f, generator)).sum(), f)
+    return cols.reshape(num_samples, *out.shape) / math.sqrt(num_samples)
 
 
 def _backprop(out: Tensor, targets: Sequence[Tensor], cot: Tensor) -> list[Tensor]:

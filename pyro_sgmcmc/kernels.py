@@ -73,6 +73,22 @@ _MAX_MASS_GROWTH = 4.0
 _MAX_FISHER_RATIO = 4.0
 
 
+def _expand_mask(mask: Tensor, like: Tensor) -> Tensor:
+    """A per-chain mask ``(C,)`` shaped to broadcast against ``like`` ``(C, ...)``."""
+    return mask.reshape(mask.shape + (1,) * (like.dim() - 1))
+
+
+def _select_chains(mask: Tensor, where_true, where_false):
+    """The sampler state taking the chains in ``mask`` from ``where_true``."""
+    fields = {}
+    for field, a, b in zip(where_true._fields, where_true, where_false, strict=True):
+        if isinstance(a, dict):
+            fields[field] = {k: torch.where(_expand_mask(mask, b[k]), a[k], b[k]) for k in a}
+        else:
+            fields[field] = torch.where(_expand_mask(mask, b), a, b)
+    return type(where_true)(**fields)
+
+
 def _inverse_fisher(grads: dict[str, Tensor]) -> dict[str, Tensor]:
     """:math:`D = \\min(1, F^{-1/2})` from the diagonal empirical Fisher
     :math:`F = \\overline{g_i^2}` of the per-example gradients, RMSprop's scaling.
@@ -200,6 +216,8 @@ class SGMCMCKernel(MCMCKernel):
         self.init_strategy = init_strategy
         self.transforms = transforms
         self._initial_params: dict[str, Tensor] | None = None
+        #: Set by :class:`pyro_sgmcmc.MCMC` for vectorised chains: the leading chain dim.
+        self.num_chains: int | None = None
         self.potential: PyroPotential | _FunctionPotential | None = None
         self._log: dict[str, str] = {}
 
@@ -230,12 +248,16 @@ class SGMCMCKernel(MCMCKernel):
             )
             self.transforms = self.potential.transforms
             if self._initial_params is None:
-                self._initial_params = self.potential.initial_params()
+                self._initial_params = self._draw_initial_params()
         else:
+            if self.num_chains is not None:
+                raise ValueError("vectorised chains need a Pyro model, not a potential_fn")
             self.potential = _FunctionPotential(self.potential_fn, int(self.num_data or 1))
             if self._initial_params is None:
                 raise ValueError("potential_fn mode needs initial_params (pass them to MCMC)")
         params = self._initial_params
+        if self.num_chains is not None:
+            self._check_vectorisable(params)
         device = next(iter(params.values())).device
         if device.type != "cpu":
             self._generator = torch.Generator(device=device).manual_seed(seed)
@@ -244,8 +266,8 @@ class SGMCMCKernel(MCMCKernel):
         self._warmup_steps = warmup_steps
         self._t = 0  # sampler steps taken
         self._calls = 0  # sample() calls
-        self._divergences: list[int] = []
-        self._num_nonfinite = 0
+        self._divergences: list[list[int]] = [[] for _ in range(self.num_chains or 1)]
+        self._num_nonfinite = torch.zeros(self.num_chains or 1, dtype=torch.long)
         self._inv_mass: dict[str, Tensor] | None = None
         self._beta: float | dict[str, Tensor] = 0.0
         # The windows centre the control variates too, so they run without adaptation.
@@ -263,6 +285,46 @@ class SGMCMCKernel(MCMCKernel):
         self._last_u = torch.tensor(float("nan"))
         self._update_log()
 
+    def _draw_initial_params(self) -> dict[str, Tensor]:
+        if self.num_chains is None:
+            return self.potential.initial_params()
+        first = self.potential.initial_params()
+        if self.init_strategy is not init_to_uniform:
+            draws = [first] + [self.potential.initial_params() for _ in range(self.num_chains - 1)]
+            return {k: torch.stack([d[k] for d in draws]) for k in first}
+        # init_to_uniform for all chains at once: U(-2, 2) in unconstrained space, redrawn
+        # where the potential is not finite (as Pyro's initialisation retries).
+        params = {
+            k: torch.rand((self.num_chains, *v.shape), dtype=v.dtype, device=v.device) * 4.0 - 2.0
+            for k, v in first.items()
+        }
+        for _ in range(100):
+            u, grads = self.potential.batched_potential_and_grad(params, None)
+            bad = ~torch.isfinite(u + sum(g.reshape(len(u), -1).sum(1) for g in grads.values()))
+            if not bad.any():
+                return params
+            params = {
+                k: torch.where(_expand_mask(bad, v), torch.rand_like(v) * 4.0 - 2.0, v)
+                for k, v in params.items()
+            }
+        raise NonFiniteError(
+            f"no finite initial point for {int(bad.sum())} chains in 100 tries of "
+            "init_to_uniform; pass initial_params or another init_strategy"
+        )
+
+    def _check_vectorisable(self, params: dict[str, Tensor]) -> None:
+        if self._sampler is sgnht:
+            raise NotImplementedError(
+                "SGNHT keeps one thermostat per state; vectorised chains need one per chain "
+                "(not yet supported): use SGHMCKernel or BAOAKernel"
+            )
+        for name, value in params.items():
+            if value.dim() == 0 or value.shape[0] != self.num_chains:
+                raise ValueError(
+                    f"initial value of '{name}' has shape {tuple(value.shape)}: vectorised "
+                    f"chains need a leading dimension of num_chains={self.num_chains}"
+                )
+
     def _wants_control_variates(self, params) -> bool:
         pot = self.potential
         subsampled = (
@@ -274,7 +336,8 @@ class SGMCMCKernel(MCMCKernel):
             if self.control_variates is True:
                 raise ValueError("control_variates=True needs a Pyro model with subsample_size")
             return False
-        size = pot.plate_size * sum(v.numel() for v in params.values())
+        per_chain = sum(v[0].numel() if self.num_chains else v.numel() for v in params.values())
+        size = pot.plate_size * per_chain
         if size > _MAX_CV_TABLE:
             if self.control_variates is True:
                 raise ValueError(
@@ -298,9 +361,15 @@ class SGMCMCKernel(MCMCKernel):
         return self._log
 
     def diagnostics(self) -> dict[str, Any]:
+        if self.num_chains is not None:
+            return {
+                "divergences": [list(d) for d in self._divergences],
+                "num_nonfinite_steps": self._num_nonfinite.tolist(),
+                "step_size": self._schedule(self._t),
+            }
         return {
-            "divergences": list(self._divergences),
-            "num_nonfinite_steps": self._num_nonfinite,
+            "divergences": list(self._divergences[0]),
+            "num_nonfinite_steps": int(self._num_nonfinite[0]),
             "step_size": self._schedule(self._t),
         }
 
@@ -329,6 +398,9 @@ class SGMCMCKernel(MCMCKernel):
         return self._calls < self._buffer_end
 
     def _one_step(self, warm: bool) -> None:
+        if self.num_chains is not None:
+            self._one_batched_step(warm)
+            return
         idx = self.potential.next_indices()
         phi = self._state.params
         u, grads = self.potential.potential_and_grad(phi, idx)
@@ -344,7 +416,13 @@ class SGMCMCKernel(MCMCKernel):
             return
         self._last_u = u
         self._prev_state = self._state
-        self._state = self._sampler.step(
+        self._state = self._sampler_step(grads)
+        self._t += 1
+        if warm and self._warmup_steps >= 20:
+            self._adapt(idx)
+
+    def _sampler_step(self, grads):
+        return self._sampler.step(
             self._state,
             grads,
             self._step_size(),
@@ -354,22 +432,65 @@ class SGMCMCKernel(MCMCKernel):
             generator=self._generator,
             **self._sampler_kwargs(),
         )
+
+    def _one_batched_step(self, warm: bool) -> None:
+        """One step of all chains: one vmapped gradient; non-finite chains are undone."""
+        chains = self.num_chains
+        idx = self.potential.next_indices(chains)
+        phi = self._state.params
+        u, grads = self.potential.batched_potential_and_grad(phi, idx)
+        if self._cv is not None:
+            table, mean = self._cv
+            grads = {k: g + table[k][idx].mean(1) - mean[k] for k, g in grads.items()}
+        check = u + sum(g.reshape(chains, -1).sum(1) for g in grads.values())
+        bad = ~torch.isfinite(check)
+        if bad.any():
+            self._on_nonfinite_chains(bad, phi, idx, warm)
+            grads = {
+                k: torch.where(_expand_mask(bad, g), torch.zeros_like(g), g)
+                for k, g in grads.items()
+            }
+        self._last_u = u.mean()
+        prev = self._state
+        self._state = self._sampler_step(grads)
+        if bad.any():
+            # Those chains return to where they were, momenta at rest.
+            self._state = _select_chains(bad, self._reset_momenta(prev), self._state)
         self._t += 1
         if warm and self._warmup_steps >= 20:
             self._adapt(idx)
+
+    def _on_nonfinite_chains(self, bad: Tensor, phi, idx, warm: bool) -> None:
+        self._num_nonfinite += bad.long()
+        if not warm:
+            index = self._calls - self._warmup_steps
+            for c in torch.nonzero(bad).flatten().tolist():
+                if not self._divergences[c] or self._divergences[c][-1] != index:
+                    self._divergences[c].append(index)
+        worst = int(self._num_nonfinite.argmax())
+        if int(self._num_nonfinite[worst]) > self.max_divergences:
+            one = {k: v[worst] for k, v in phi.items()}
+            sites = self.potential.nonfinite_sites(one, None if idx is None else idx[worst])
+            stage = "warm-up" if warm else "sampling"
+            raise NonFiniteError(
+                f"chain {worst}: non-finite potential or gradient at step {self._t} ({stage}), "
+                f"sites {sites}; {int(self._num_nonfinite[worst])} non-finite steps "
+                f"(max_divergences={self.max_divergences}). Lower step_size (now "
+                f"{self._step_size():.3g}) or check the model's log-density there"
+            )
 
     def _on_nonfinite(self, phi, idx, warm: bool) -> None:
         self._num_nonfinite += 1
         if not warm:
             index = self._calls - self._warmup_steps
-            if not self._divergences or self._divergences[-1] != index:
-                self._divergences.append(index)
-        if self._num_nonfinite > self.max_divergences:
+            if not self._divergences[0] or self._divergences[0][-1] != index:
+                self._divergences[0].append(index)
+        if int(self._num_nonfinite[0]) > self.max_divergences:
             sites = self.potential.nonfinite_sites(phi, idx)
             stage = "warm-up" if warm else "sampling"
             raise NonFiniteError(
                 f"non-finite potential or gradient at step {self._t} ({stage}), sites "
-                f"{sites}; {self._num_nonfinite} non-finite steps in all (max_divergences="
+                f"{sites}; {int(self._num_nonfinite[0])} non-finite steps in all (max_divergences="
                 f"{self.max_divergences}). Lower step_size (now {self._schedule(self._t):.3g}) "
                 "or check the model's log-density there"
             )
@@ -389,16 +510,21 @@ class SGMCMCKernel(MCMCKernel):
         noise = self._estimates_noise() and t % 5 == 0
         fisher = self._fisher_preconditions() and t < self._window_start and t % 10 == 0
         if noise or fisher:
-            grads = self.potential.per_example_grads(self._state.params, idx)
+            # Vectorised chains share D and beta: measure them on the first chain.
+            params, idx0 = self._state.params, idx
+            if self.num_chains is not None:
+                params = {k: v[0] for k, v in params.items()}
+                idx0 = idx[0] if idx is not None and idx.dim() == 2 else idx
+            grads = self.potential.per_example_grads(params, idx0)
             if fisher:
                 self._set_inv_mass(_inverse_fisher(grads))
             if noise:
-                self._noise.append(self._gradient_noise(idx, grads))
+                self._noise.append(self._gradient_noise(idx0, grads))
             if self._noise and (fisher or len(self._noise) % 5 == 0 or len(self._noise) == 2):
                 self._update_beta()
         if t < self._window_start or not self._windows:
             return
-        self._welford.update(self._state.params)
+        self._welford.update(self._state.params, batched=self.num_chains is not None)
         if t != self._windows[0]:
             return
         self._windows.pop(0)
@@ -494,7 +620,7 @@ class SGMCMCKernel(MCMCKernel):
         self._log = {
             "step size": f"{self._schedule(self._t):.2e}",
             "U": f"{float(self._last_u):.4g}",
-            "nonfinite": str(self._num_nonfinite),
+            "nonfinite": str(int(self._num_nonfinite.sum())),
         }
 
 

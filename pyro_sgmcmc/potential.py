@@ -356,9 +356,22 @@ class PyroPotential:
         """Map constrained site values to unconstrained space."""
         return {name: self.transforms[name](theta[name]) for name in self.latent_names}
 
-    def next_indices(self) -> Tensor | None:
-        """The next minibatch of data-plate indices (``None`` without a data plate)."""
-        return None if self.indices is None else self.indices()
+    def next_indices(self, num_chains: int | None = None) -> Tensor | None:
+        """The next minibatch of data-plate indices (``None`` without a data plate).
+
+        With ``num_chains``, one independent iid batch per chain, shape ``(C, B)``
+        (full batch: the shared ``(N,)`` indices).
+        """
+        if self.indices is None:
+            return None
+        if num_chains is None or self.subsample_size is None:
+            return self.indices()
+        if not self.indices.replacement:
+            raise ModelError("vectorised chains draw iid minibatches: use batching='iid'")
+        idx = torch.randint(
+            self.plate_size, (num_chains, self.subsample_size), generator=self.generator
+        )
+        return idx.to(self.indices.device) if self.indices.device is not None else idx
 
     def _run(self, model, validate=False):
         """Trace ``model``; turn shape errors inside the data plate into a clear fix."""
@@ -428,6 +441,22 @@ class PyroPotential:
             u = self.potential(leaves, indices)
         grads = torch.autograd.grad(u, list(leaves.values()))
         return u.detach(), dict(zip(leaves, grads, strict=True))
+
+    def batched_potential_and_grad(
+        self, phi: dict[str, Tensor], indices: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`potential_and_grad` for a leading chain dimension, one ``torch.func.vmap``
+        call: ``phi`` has shapes ``(C, ...)``; ``indices`` is ``(C, B)`` (a batch per
+        chain) or ``(N,)``/``None`` (shared)."""
+        in_idx = 0 if indices is not None and indices.dim() == 2 else None
+
+        def potential(params, idx):
+            return self.potential(params, idx)
+
+        grads, values = torch.func.vmap(torch.func.grad_and_value(potential), in_dims=(0, in_idx))(
+            {k: v.detach() for k, v in phi.items()}, indices
+        )
+        return values.detach(), {k: g.detach() for k, g in grads.items()}
 
     def _traced(self, phi: dict[str, Tensor], indices: Tensor) -> Callable:
         """``torch.jit.trace`` of the potential for batches of this size (cached)."""

@@ -16,6 +16,7 @@ r"""ArviZ conversion and a convergence report for MCMC runs.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,14 +125,17 @@ def _divergence_mask(divergences: Any, chains: int, draws: int) -> np.ndarray | 
 
 def _from_dict(posterior: dict, sample_stats: dict | None, coords, dims) -> Any:
     """``arviz.from_dict`` in ArviZ 0.x (keyword groups) and 1.x (a dict of groups)."""
-    if "posterior" in inspect.signature(az.from_dict).parameters:
-        return az.from_dict(
-            posterior=posterior, sample_stats=sample_stats, coords=coords, dims=dims
-        )
-    groups = {"posterior": posterior}
-    if sample_stats:
-        groups["sample_stats"] = sample_stats
-    return az.from_dict(groups, coords=coords, dims=dims)
+    with warnings.catch_warnings():
+        # Many short chains are legitimate here; the (chain, draw) layout is explicit.
+        warnings.filterwarnings("ignore", message="More chains", category=UserWarning)
+        if "posterior" in inspect.signature(az.from_dict).parameters:
+            return az.from_dict(
+                posterior=posterior, sample_stats=sample_stats, coords=coords, dims=dims
+            )
+        groups = {"posterior": posterior}
+        if sample_stats:
+            groups["sample_stats"] = sample_stats
+        return az.from_dict(groups, coords=coords, dims=dims)
 
 
 def to_inference_data(
@@ -325,11 +329,12 @@ class Report:
     ksd_kwargs: dict | None = None
 
     def __str__(self) -> str:
-        lines = [
-            f"{self.num_chains} chains x {self.num_draws} draws; nested R-hat over "
-            f"{self.num_superchains} superchains of "
-            f"{self.num_chains // max(self.num_superchains, 1)} chains"
-        ]
+        lines = [f"{self.num_chains} chains x {self.num_draws} draws"]
+        if self.num_superchains >= 2:
+            lines[0] += (
+                f"; nested R-hat over {self.num_superchains} superchains of "
+                f"{self.num_chains // self.num_superchains} chains"
+            )
         if self.num_divergences is not None:
             lines.append(f"divergences: {self.num_divergences}")
         if self.ksd is not None:
@@ -369,7 +374,8 @@ def report(
     Columns: posterior ``mean`` and ``sd`` (ddof 1, over all chains and draws);
     ``r_hat``, the rank-normalised split :math:`\widehat R`, and ``ess_bulk`` /
     ``ess_tail`` (Vehtari et al., 2021; ``arviz.rhat`` / ``arviz.ess`` on
-    :func:`to_inference_data`); ``nested_r_hat`` (:func:`nested_rhat`). With a
+    :func:`to_inference_data`; ArviZ gives NaN for fewer than 4 draws, and ``r_hat``
+    NaN for a single chain); ``nested_r_hat`` (:func:`nested_rhat`). With a
     ``reference`` (e.g. a long NUTS run) also its ``ref_mean`` and ``ref_sd``,
     ``diff_sds`` :math:`= (\text{mean} - \text{ref\_mean}) / \text{ref\_sd}` and
     ``sd_ratio`` :math:`= \text{sd} / \text{ref\_sd}`. With a ``score``, the
@@ -386,7 +392,10 @@ def report(
             :class:`~pyro_sgmcmc.potential.PyroPotential` (the draws, constrained as
             MCMC returns them, are mapped to its unconstrained space first); a callable
             taking a dict of ``(n, ...)`` draws as given; or precomputed scores laid out
-            like the draws.
+            like the draws. The KSD's default bandwidth 1.0 suits a posterior on unit
+            scale; otherwise pass ``ksd_kwargs={"bandwidth": "median"}``. A kernel's
+            own potential (``mcmc.kernel.potential``) works too: scores always use all
+            the data.
         num_superchains: :math:`K` for nested :math:`\widehat R` (chains ``kM ..
             kM + M - 1`` form superchain ``k``); default: every chain its own
             superchain. ``nested_r_hat`` is NaN for a single chain.

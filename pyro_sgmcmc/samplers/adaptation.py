@@ -30,7 +30,11 @@ class WelfordVariance:
         self.mean: dict[str, Tensor] = {}
         self.m2: dict[str, Tensor] = {}
 
-    def update(self, params: dict[str, Tensor]) -> None:
+    def update(self, params: dict[str, Tensor], batched: bool = False) -> None:
+        """Add one draw, or with ``batched`` one draw per entry of the leading dim."""
+        if batched:
+            self._update_batch(params)
+            return
         self.count += 1
         for name, x in params.items():
             x = x.detach()
@@ -41,6 +45,22 @@ class WelfordVariance:
             delta = x - self.mean[name]
             self.mean[name] = self.mean[name] + delta / self.count
             self.m2[name] = self.m2[name] + delta * (x - self.mean[name])
+
+    def _update_batch(self, params: dict[str, Tensor]) -> None:
+        """Chan et al.'s pairwise combination of the running and the batch moments."""
+        n = next(iter(params.values())).shape[0]
+        total = self.count + n
+        for name, x in params.items():
+            x = x.detach()
+            mean_b = x.mean(0)
+            m2_b = (x - mean_b).square().sum(0)
+            if name not in self.mean:
+                self.mean[name], self.m2[name] = mean_b, m2_b
+                continue
+            delta = mean_b - self.mean[name]
+            self.mean[name] = self.mean[name] + delta * (n / total)
+            self.m2[name] = self.m2[name] + m2_b + delta.square() * (self.count * n / total)
+        self.count = total
 
     def variance(self, regularize: bool = True) -> dict[str, Tensor]:
         """Sample variance, shrunk towards its mean as Stan does when ``regularize``."""
