@@ -41,6 +41,11 @@ class MCMC(pyro.infer.MCMC):
         chain_method: ``"vectorized"``, ``"sequential"`` or ``"parallel"`` (Pyro's).
         keep: ``"all"`` draws, or only the ``"last"`` draw of each chain (memory
             ``C x params`` however long the run; ``num_samples`` then counts steps).
+        chain_rng: ``"batched"`` (one generator for all chains, fastest) or
+            ``"per_chain"``: chain ``c`` draws its noise and minibatches from its own
+            generator seeded ``kernel.rng_seed + c``, so it reproduces the run of that
+            chain alone with ``rng_seed=kernel.rng_seed + c`` (up to floating-point
+            rounding, and when warm-up adaptation, which pools the chains, is off).
         disable_progbar, disable_validation, transforms, save_params, hook_fn,
         mp_context: as in ``pyro.infer.MCMC``.
 
@@ -68,6 +73,7 @@ class MCMC(pyro.infer.MCMC):
         num_chains: int = 1,
         chain_method: str = "vectorized",
         keep: str = "all",
+        chain_rng: str = "batched",
         hook_fn=None,
         mp_context=None,
         disable_progbar: bool = False,
@@ -80,6 +86,8 @@ class MCMC(pyro.infer.MCMC):
                 f"chain_method must be 'vectorized', 'sequential' or 'parallel', got "
                 f"{chain_method!r}"
             )
+        if chain_rng not in ("batched", "per_chain"):
+            raise ValueError(f"chain_rng must be 'batched' or 'per_chain', got {chain_rng!r}")
         if keep not in ("all", "last"):
             raise ValueError(f"keep must be 'all' or 'last', got {keep!r}")
         if chain_method == "vectorized" and not isinstance(kernel, SGMCMCKernel):
@@ -89,7 +97,7 @@ class MCMC(pyro.infer.MCMC):
             )
         if keep == "last" and chain_method != "vectorized":
             raise ValueError("keep='last' is available with chain_method='vectorized'")
-        self.chain_method, self.keep = chain_method, keep
+        self.chain_method, self.keep, self.chain_rng = chain_method, keep, chain_rng
         vectorized = chain_method == "vectorized"
         super().__init__(
             kernel,
@@ -133,6 +141,7 @@ class MCMC(pyro.infer.MCMC):
         args = [a.detach() if torch.is_tensor(a) else a for a in args]
         kernel, chains = self.kernel, self.num_chains
         kernel.num_chains = chains
+        kernel.per_chain_rng = self.chain_rng == "per_chain"
         if self._vector_initial_params is not None:
             kernel.initial_params = self._vector_initial_params
         try:
@@ -158,7 +167,7 @@ class MCMC(pyro.infer.MCMC):
                     bar.update()
             diagnostics = kernel.diagnostics()
         finally:
-            kernel.num_chains = None
+            kernel.num_chains, kernel.per_chain_rng = None, False
             kernel.cleanup()
         samples = {n: torch.stack(v, dim=1) for n, v in kept.items()}  # (C, S, ...)
         if self.transforms is None:

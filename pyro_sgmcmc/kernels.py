@@ -157,6 +157,8 @@ class SGMCMCKernel(MCMCKernel):
         max_divergences: non-finite steps tolerated before raising.
         init_strategy: a Pyro init strategy.
         transforms: constrained -> unconstrained transforms (``potential_fn`` mode).
+        rng_seed: seed of the kernel's generator (noise and minibatches); default: drawn
+            from torch's global generator at ``setup``, so ``pyro.set_rng_seed`` fixes it.
     """
 
     _sampler: Any = None
@@ -181,6 +183,7 @@ class SGMCMCKernel(MCMCKernel):
         max_divergences: int = 20,
         init_strategy: Callable = init_to_uniform,
         transforms: dict | None = None,
+        rng_seed: int | None = None,
     ) -> None:
         if (model is None) == (potential_fn is None):
             raise ValueError("give exactly one of `model` or `potential_fn`")
@@ -216,8 +219,11 @@ class SGMCMCKernel(MCMCKernel):
         self.init_strategy = init_strategy
         self.transforms = transforms
         self._initial_params: dict[str, Tensor] | None = None
-        #: Set by :class:`pyro_sgmcmc.MCMC` for vectorised chains: the leading chain dim.
+        self.rng_seed = rng_seed
+        #: Set by :class:`pyro_sgmcmc.MCMC` for vectorised chains: the leading chain dim,
+        #: and whether each chain draws from its own generator (seeded rng_seed + c).
         self.num_chains: int | None = None
+        self.per_chain_rng = False
         self.potential: PyroPotential | _FunctionPotential | None = None
         self._log: dict[str, str] = {}
 
@@ -231,7 +237,9 @@ class SGMCMCKernel(MCMCKernel):
         self._initial_params = {k: torch.as_tensor(v) for k, v in params.items()}
 
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:
-        seed = int(torch.randint(0, 2**62, ()).item())
+        seed = self.rng_seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
         self._generator = torch.Generator().manual_seed(seed)
         if self.model is not None:
             self.potential = PyroPotential(
@@ -256,8 +264,15 @@ class SGMCMCKernel(MCMCKernel):
             if self._initial_params is None:
                 raise ValueError("potential_fn mode needs initial_params (pass them to MCMC)")
         params = self._initial_params
+        self._chain_generators = None
         if self.num_chains is not None:
             self._check_vectorisable(params)
+            if self.per_chain_rng:
+                device = next(iter(params.values())).device
+                self._chain_generators = [
+                    torch.Generator(device=device).manual_seed(seed + c)
+                    for c in range(self.num_chains)
+                ]
         device = next(iter(params.values())).device
         if device.type != "cpu":
             self._generator = torch.Generator(device=device).manual_seed(seed)
@@ -429,14 +444,14 @@ class SGMCMCKernel(MCMCKernel):
             temperature=0.0 if self._optimising else self.temperature,
             num_data=self.potential.num_data,
             inv_mass=self._inv_mass,
-            generator=self._generator,
+            generator=self._chain_generators or self._generator,
             **self._sampler_kwargs(),
         )
 
     def _one_batched_step(self, warm: bool) -> None:
         """One step of all chains: one vmapped gradient; non-finite chains are undone."""
         chains = self.num_chains
-        idx = self.potential.next_indices(chains)
+        idx = self.potential.next_indices(chains, self._chain_generators)
         phi = self._state.params
         u, grads = self.potential.batched_potential_and_grad(phi, idx)
         if self._cv is not None:

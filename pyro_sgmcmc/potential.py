@@ -324,7 +324,8 @@ class PyroPotential:
         """Trace once on a minibatch: the data plate's sites must have its batch size."""
         if self.plate_name is None:
             return
-        idx = self.indices()
+        # The first B rows: a fixed batch, so the check draws nothing from the generator.
+        idx = torch.arange(self.indices.batch_size, device=self.indices.device)
         model = InitMessenger(self.init_strategy)(
             poutine.condition(self.model, {self.plate_name: idx})
         )
@@ -356,11 +357,14 @@ class PyroPotential:
         """Map constrained site values to unconstrained space."""
         return {name: self.transforms[name](theta[name]) for name in self.latent_names}
 
-    def next_indices(self, num_chains: int | None = None) -> Tensor | None:
+    def next_indices(
+        self, num_chains: int | None = None, generators: list | None = None
+    ) -> Tensor | None:
         """The next minibatch of data-plate indices (``None`` without a data plate).
 
         With ``num_chains``, one independent iid batch per chain, shape ``(C, B)``
-        (full batch: the shared ``(N,)`` indices).
+        (full batch: the shared ``(N,)`` indices); with ``generators``, chain ``c``'s
+        batch comes from ``generators[c]`` as a single chain's would.
         """
         if self.indices is None:
             return None
@@ -368,9 +372,17 @@ class PyroPotential:
             return self.indices()
         if not self.indices.replacement:
             raise ModelError("vectorised chains draw iid minibatches: use batching='iid'")
-        idx = torch.randint(
-            self.plate_size, (num_chains, self.subsample_size), generator=self.generator
-        )
+        if generators is not None:
+            idx = torch.stack(
+                [
+                    torch.randint(self.plate_size, (self.subsample_size,), generator=g)
+                    for g in generators
+                ]
+            )
+        else:
+            idx = torch.randint(
+                self.plate_size, (num_chains, self.subsample_size), generator=self.generator
+            )
         return idx.to(self.indices.device) if self.indices.device is not None else idx
 
     def _run(self, model, validate=False):

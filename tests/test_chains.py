@@ -138,3 +138,39 @@ def test_vectorised_errors(linreg):
             initial_params={"w": torch.zeros(2, DIM)},
             disable_progbar=True,
         ).run(X, y)
+
+
+@pytest.mark.parametrize("subsample_size", [None, 20])
+def test_vectorised_chains_equal_the_same_chains_run_one_by_one(linreg, subsample_size):
+    """chain_rng='per_chain': chain c of the batch is the run of that chain alone with
+    rng_seed + c, from the same initial point (no warm-up adaptation, which pools)."""
+    X, y, _, _ = linreg
+    chains, seed = 3, 1234
+    init = {"w": torch.randn(chains, DIM, generator=torch.Generator().manual_seed(0))}
+
+    def kernel(rng_seed):
+        return SGHMCKernel(model, subsample_size=subsample_size, step_size=0.05, rng_seed=rng_seed)
+
+    vec = MCMC(
+        kernel(seed),
+        num_samples=40,
+        warmup_steps=10,
+        num_chains=chains,
+        initial_params=init,
+        chain_rng="per_chain",
+        disable_progbar=True,
+    )
+    vec.run(X, y)
+    together = vec.get_samples(group_by_chain=True)["w"]
+    for c in range(chains):
+        alone = MCMC(
+            kernel(seed + c),
+            num_samples=40,
+            warmup_steps=10,
+            num_chains=1,
+            chain_method="sequential",
+            initial_params={"w": init["w"][c]},
+            disable_progbar=True,
+        )
+        alone.run(X, y)
+        torch.testing.assert_close(together[c], alone.get_samples()["w"], rtol=1e-4, atol=1e-5)

@@ -35,8 +35,10 @@ stationary distribution exact (Ma et al., 2015). Adapt it during warm-up only
 (see :mod:`pyro_sgmcmc.samplers.adaptation`), never during sampling.
 
 Randomness comes from an explicit ``torch.Generator`` (``None`` uses torch's global
-generator), so that runs are reproducible. The steps never call ``.item()``; their
-operations are elementwise, so parameters with leading chain dimensions work as is.
+generator), so that runs are reproducible; a list of generators, one per chain of a
+leading chain dimension, gives each chain the stream it would have alone. The steps
+never call ``.item()``; their operations are elementwise, so parameters with leading
+chain dimensions work as is.
 """
 
 from pyro_sgmcmc.samplers import baoa, schedules, sghmc, sgld, sgnht

@@ -6,8 +6,19 @@ import torch
 from torch import Tensor
 
 
-def normal_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise with the shape, dtype and device of ``x``."""
+def normal_like(x: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+    """Standard normal noise with the shape, dtype and device of ``x``.
+
+    A list of generators, one per entry of ``x``'s leading (chain) dimension, gives
+    each chain its own stream: exactly the draws that chain would get run alone.
+    """
+    if isinstance(generator, (list, tuple)):
+        return torch.stack(
+            [
+                torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device)
+                for g in generator
+            ]
+        )
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
