@@ -16,6 +16,7 @@ At ``temperature=0`` each chain is an independent optimiser run: a deep ensemble
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pyro
@@ -41,6 +42,11 @@ class MCMC(pyro.infer.MCMC):
         chain_method: ``"vectorized"``, ``"sequential"`` or ``"parallel"`` (Pyro's).
         keep: ``"all"`` draws, or only the ``"last"`` draw of each chain (memory
             ``C x params`` however long the run; ``num_samples`` then counts steps).
+        checkpoint: a file path: the run (kernel state, generator states, draws so far)
+            is saved there every ``checkpoint_every`` steps, and a run that finds the
+            file resumes from it, producing exactly the draws of an uninterrupted run.
+            Build the kernel and ``MCMC`` with the same arguments to resume.
+        checkpoint_every: steps between checkpoints.
         chain_rng: ``"batched"`` (one generator for all chains, fastest) or
             ``"per_chain"``: chain ``c`` draws its noise and minibatches from its own
             generator seeded ``kernel.rng_seed + c``, so it reproduces the run of that
@@ -74,6 +80,8 @@ class MCMC(pyro.infer.MCMC):
         chain_method: str = "vectorized",
         keep: str = "all",
         chain_rng: str = "batched",
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 100,
         hook_fn=None,
         mp_context=None,
         disable_progbar: bool = False,
@@ -97,6 +105,11 @@ class MCMC(pyro.infer.MCMC):
             )
         if keep == "last" and chain_method != "vectorized":
             raise ValueError("keep='last' is available with chain_method='vectorized'")
+        if checkpoint is not None and chain_method != "vectorized":
+            raise ValueError("checkpoint is available with chain_method='vectorized'")
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
         self.chain_method, self.keep, self.chain_rng = chain_method, keep, chain_rng
         vectorized = chain_method == "vectorized"
         super().__init__(
@@ -144,14 +157,28 @@ class MCMC(pyro.infer.MCMC):
         kernel.per_chain_rng = self.chain_rng == "per_chain"
         if self._vector_initial_params is not None:
             kernel.initial_params = self._vector_initial_params
+        resume = self._load_checkpoint()
+        if resume is not None:
+            kernel.initial_params = resume["initial_params"]
         try:
             kernel.setup(self.warmup_steps, *args, **kwargs)
-            params = kernel.initial_params
+            initial_params = kernel.initial_params
+            params = initial_params
             names = self._save_params or sorted(params)
             kept: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+            start = 0
+            if resume is not None:
+                kernel.load_state_dict(resume["kernel"])
+                kept, start = resume["kept"], resume["step"]
+                params = dict(kernel._state.params)
             total = self.warmup_steps + self.num_samples
-            with tqdm(total=total, disable=self._disable_progbar, desc="Warmup") as bar:
-                for i in range(total):
+            with tqdm(
+                total=total,
+                initial=start,
+                disable=self._disable_progbar,
+                desc="Warmup" if start <= self.warmup_steps else "Sample",
+            ) as bar:
+                for i in range(start, total):
                     params = kernel.sample(params)
                     warm = i < self.warmup_steps
                     if self._hook is not None:
@@ -165,6 +192,8 @@ class MCMC(pyro.infer.MCMC):
                     if i % 50 == 0 or i == total - 1:
                         bar.set_postfix(kernel.logging(), refresh=False)
                     bar.update()
+                    if self.checkpoint is not None and (i + 1) % self.checkpoint_every == 0:
+                        self._save_checkpoint(kernel, kept, i + 1, initial_params)
             diagnostics = kernel.diagnostics()
         finally:
             kernel.num_chains, kernel.per_chain_rng = None, False
@@ -182,6 +211,41 @@ class MCMC(pyro.infer.MCMC):
             self.num_samples = 1
             for d in self._diagnostics:
                 d["divergences"] = [0] if last in d.get("divergences", []) else []
+
+    def _checkpoint_config(self) -> dict[str, Any]:
+        return {
+            "num_chains": self.num_chains,
+            "num_samples": self.num_samples,
+            "warmup_steps": self.warmup_steps,
+            "keep": self.keep,
+            "chain_rng": self.chain_rng,
+        }
+
+    def _load_checkpoint(self) -> dict[str, Any] | None:
+        if self.checkpoint is None or not os.path.exists(self.checkpoint):
+            return None
+        saved = torch.load(self.checkpoint, weights_only=False)
+        if saved["config"] != self._checkpoint_config():
+            raise ValueError(
+                f"checkpoint {self.checkpoint} was written by a run with {saved['config']}, "
+                f"not {self._checkpoint_config()}: delete it or match the settings"
+            )
+        return saved
+
+    def _save_checkpoint(self, kernel, kept, step: int, initial_params) -> None:
+        """Write atomically: a run killed while writing keeps the previous checkpoint."""
+        tmp = f"{self.checkpoint}.tmp"
+        torch.save(
+            {
+                "config": self._checkpoint_config(),
+                "step": step,
+                "kept": kept,
+                "kernel": kernel.state_dict(),
+                "initial_params": initial_params,
+            },
+            tmp,
+        )
+        os.replace(tmp, self.checkpoint)
 
 
 def _chain_diagnostics(diagnostics: dict[str, Any], chain: int) -> dict[str, Any]:

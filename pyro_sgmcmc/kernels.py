@@ -375,6 +375,49 @@ class SGMCMCKernel(MCMCKernel):
     def logging(self) -> dict[str, str]:
         return self._log
 
+    #: What ``setup`` and the run build up: everything a resumed run needs.
+    _RUNTIME_STATE = (
+        "_t", "_calls", "_warmup_steps", "_divergences", "_num_nonfinite", "_inv_mass",
+        "_beta", "_alpha", "_clipped_warned", "_windows", "_window_start", "_buffer_end",
+        "_welford", "_noise", "_cv", "_state", "_prev_state", "_last_u",
+    )  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """The kernel's run state, with its generators' states, for checkpointing.
+
+        Restored by :meth:`load_state_dict` after ``setup`` with the same arguments, the
+        run continues exactly as it would have.
+        """
+        state = {k: getattr(self, k) for k in self._RUNTIME_STATE if hasattr(self, k)}
+        state["_noise"] = list(self._noise)
+        state["generator"] = self._generator.get_state()
+        gens = self._chain_generators or []
+        state["chain_generators"] = [g.get_state() for g in gens]
+        indices = getattr(self.potential, "indices", None)
+        if indices is not None:
+            state["indices"] = indices.state_dict()
+            state["indices_generator"] = (
+                None if indices.generator is self._generator else indices.generator.get_state()
+            )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (call after ``setup`` with the same arguments)."""
+        maxlen = self._noise.maxlen
+        for key in self._RUNTIME_STATE:
+            if key in state:
+                setattr(self, key, state[key])
+        self._noise = deque(state["_noise"], maxlen=maxlen)
+        self._generator.set_state(state["generator"])
+        for g, g_state in zip(self._chain_generators or [], state["chain_generators"], strict=True):
+            g.set_state(g_state)
+        indices = getattr(self.potential, "indices", None)
+        if indices is not None and "indices" in state:
+            indices.load_state_dict(state["indices"])
+            if state["indices_generator"] is not None:
+                indices.generator.set_state(state["indices_generator"])
+        self._update_log()
+
     def diagnostics(self) -> dict[str, Any]:
         if self.num_chains is not None:
             return {

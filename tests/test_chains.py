@@ -174,3 +174,82 @@ def test_vectorised_chains_equal_the_same_chains_run_one_by_one(linreg, subsampl
         )
         alone.run(X, y)
         torch.testing.assert_close(together[c], alone.get_samples()["w"], rtol=1e-4, atol=1e-5)
+
+
+_CHECKPOINT_SCRIPT = """
+import os, signal, sys
+import pyro, pyro.distributions as dist, torch
+from pyro_sgmcmc import MCMC, SGHMCKernel
+
+checkpoint, die_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+g = torch.Generator().manual_seed(0)
+X = torch.randn(300, 2, generator=g)
+y = X @ torch.tensor([1.0, -0.5]) + torch.randn(300, generator=g)
+
+def model(X, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    with pyro.plate("data", 300) as idx:
+        pyro.sample("obs", dist.Normal(X[idx] @ w, 1.0), obs=y[idx])
+
+def hook(kernel, params, stage, i):
+    if stage == "Sample" and i == die_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, as a killed job
+
+pyro.set_rng_seed(0)
+mcmc = MCMC(SGHMCKernel(model, subsample_size=20), num_samples=60, warmup_steps=100,
+            num_chains=3, checkpoint=None if checkpoint == "-" else checkpoint,
+            checkpoint_every=7, hook_fn=hook, disable_progbar=True)
+mcmc.run(X, y)
+torch.save(mcmc.get_samples(group_by_chain=True)["w"], out)
+"""
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(_CHECKPOINT_SCRIPT)
+
+    def run(checkpoint, die_at, out):
+        return subprocess.run(
+            [sys.executable, str(script), checkpoint, str(die_at), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    reference = run("-", -1, tmp_path / "reference.pt")
+    assert reference.returncode == 0, reference.stderr
+    checkpoint = tmp_path / "run.ckpt"
+    killed = run(str(checkpoint), 33, tmp_path / "never.pt")
+    assert killed.returncode != 0 and checkpoint.exists()  # killed mid-sampling
+    assert not (tmp_path / "never.pt").exists()
+    resumed = run(str(checkpoint), -1, tmp_path / "resumed.pt")
+    assert resumed.returncode == 0, resumed.stderr
+    expected = torch.load(tmp_path / "reference.pt")
+    assert torch.equal(torch.load(tmp_path / "resumed.pt"), expected)
+    assert expected.shape == (3, 60, 2)
+
+
+def test_checkpoint_from_other_settings_is_refused(tmp_path, linreg):
+    X, y, _, _ = linreg
+    path = tmp_path / "c.ckpt"
+    MCMC(
+        SGHMCKernel(model, subsample_size=20),
+        num_samples=10,
+        warmup_steps=10,
+        num_chains=2,
+        checkpoint=path,
+        checkpoint_every=5,
+        disable_progbar=True,
+    ).run(X, y)
+    with pytest.raises(ValueError, match="was written by a run with"):
+        MCMC(
+            SGHMCKernel(model, subsample_size=20),
+            num_samples=20,
+            warmup_steps=10,
+            num_chains=2,
+            checkpoint=path,
+            disable_progbar=True,
+        ).run(X, y)
