@@ -20,7 +20,9 @@ What a kernel adds to the bare sampler:
      is then relative to a whitened target with unit curvature). A chain that is
      still drifting, or unstable, inflates its variance, so the estimate is capped
      at 4x the inverse empirical Fisher at the window's mean (the per-datum
-     curvature near the mode) and at 4x the previous window's. The
+     curvature near the mode) and at 4x the previous window's; a slowly mixing one
+     sees too little of the posterior, so it is floored at 1/4 of the buffer's
+     ``min(1, F^-1/2)``. The
      **control variates** are re-centred at the window's mean;
   3. the last 10% samples with everything frozen.
 
@@ -292,6 +294,7 @@ class SGMCMCKernel(MCMCKernel):
         # variance windows on a still-drifting chain would overestimate the mass.
         self._buffer_end = self._window_start if self._windows else 0
         self._welford = WelfordVariance()
+        self._fisher_scale: dict[str, Tensor] | None = None
         self._noise: deque[dict[str, Tensor]] = deque(maxlen=20)
         self._cv: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
         self._cv_enabled = self._wants_control_variates(params)
@@ -379,7 +382,7 @@ class SGMCMCKernel(MCMCKernel):
     _RUNTIME_STATE = (
         "_t", "_calls", "_warmup_steps", "_divergences", "_num_nonfinite", "_inv_mass",
         "_beta", "_alpha", "_clipped_warned", "_windows", "_window_start", "_buffer_end",
-        "_welford", "_noise", "_cv", "_state", "_prev_state", "_last_u",
+        "_welford", "_noise", "_cv", "_state", "_prev_state", "_last_u", "_fisher_scale",
     )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
@@ -575,7 +578,8 @@ class SGMCMCKernel(MCMCKernel):
                 idx0 = idx[0] if idx is not None and idx.dim() == 2 else idx
             grads = self.potential.per_example_grads(params, idx0)
             if fisher:
-                self._set_inv_mass(_inverse_fisher(grads))
+                self._fisher_scale = _inverse_fisher(grads)
+                self._set_inv_mass(self._fisher_scale)
             if noise:
                 self._noise.append(self._gradient_noise(idx0, grads))
             if self._noise and (fisher or len(self._noise) % 5 == 0 or len(self._noise) == 2):
@@ -592,6 +596,14 @@ class SGMCMCKernel(MCMCKernel):
         if self.adapt_mass_matrix:
             tau = self.temperature / self.potential.num_data
             new = {k: v / tau for k, v in self._welford.variance().items()}
+            if self._fisher_scale is not None:
+                # A slowly mixing chain (SGLD) sees too little of the posterior in a short
+                # window, and a smaller D mixes slower still: keep D >= 1/4 of the data's
+                # own scale, the initial buffer's min(1, F^-1/2).
+                new = {
+                    k: torch.maximum(v, self._fisher_scale[k] / _MAX_MASS_GROWTH)
+                    for k, v in new.items()
+                }
             if self._cv is not None:
                 # An unstable or drifting chain inflates its variance, and a larger D
                 # makes it more unstable. Near the mode the empirical Fisher F of the
