@@ -52,10 +52,14 @@ class MCMC(pyro.infer.MCMC):
             generator seeded ``kernel.rng_seed + c``, so it reproduces the run of that
             chain alone with ``rng_seed=kernel.rng_seed + c`` (up to floating-point
             rounding, and when warm-up adaptation, which pools the chains, is off).
-        disable_progbar, disable_validation, transforms, save_params, hook_fn,
-        mp_context: as in ``pyro.infer.MCMC``.
+        hook_fn: as in ``pyro.infer.MCMC``: called after every step.
+        mp_context: as in ``pyro.infer.MCMC`` (``"parallel"`` only).
+        disable_progbar: hide the progress bar.
+        disable_validation: as in ``pyro.infer.MCMC``.
+        transforms: as in ``pyro.infer.MCMC``.
+        save_params: as in ``pyro.infer.MCMC``: the sites to keep.
 
-    Example:
+    Examples:
         >>> import pyro, pyro.distributions as dist, torch
         >>> from pyro_sgmcmc import MCMC, SGHMCKernel
         >>> def model(y):

@@ -55,7 +55,7 @@ Conventions:
   ``weight, bias`` order of :func:`flatten`); column-major ``vec`` would read
   :math:`A \otimes G`.
 
-Example:
+Examples:
     The GGN of a small classifier, as a matrix-free product and as a matrix:
 
     >>> import torch
@@ -125,7 +125,7 @@ _MODES = ("auto", "forward", "reverse")
 def flatten(params: Mapping[str, Tensor]) -> Tensor:
     """Concatenate the parameters, each flattened row-major, in dict order.
 
-    Example:
+    Examples:
         >>> flatten({"w": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([3.0])})
         tensor([1., 2., 3.])
     """
@@ -137,7 +137,7 @@ def flatten(params: Mapping[str, Tensor]) -> Tensor:
 def unflatten(vec: Tensor, like: Mapping[str, Tensor]) -> Params:
     """Split a flat vector into a dict shaped like ``like`` (the inverse of :func:`flatten`).
 
-    Example:
+    Examples:
         >>> unflatten(torch.arange(3.0), {"w": torch.zeros(1, 2), "b": torch.zeros(1)})
         {'w': tensor([[0., 1.]]), 'b': tensor([2.])}
     """
@@ -159,7 +159,7 @@ def module_fn(
     Parameters missing from ``params`` (and buffers) come from the module itself, so
     ``params`` may be a subset, e.g. only the last layer's.
 
-    Example:
+    Examples:
         >>> net = torch.nn.Linear(2, 1)
         >>> fn = module_fn(net, lambda out: out.squeeze(-1))
         >>> fn({"weight": torch.ones(1, 2), "bias": torch.zeros(1)}, torch.ones(3, 2))
@@ -262,7 +262,7 @@ class Likelihood:
         name: ``"bernoulli"``, ``"categorical"``, ``"normal"`` or ``"poisson"``.
         scale: the noise standard deviation :math:`s` of ``"normal"`` (ignored otherwise).
 
-    Example:
+    Examples:
         >>> lik = Likelihood("normal", scale=0.5)
         >>> lik.hessian_mvp(torch.zeros(2, 1), torch.ones(2, 1))  # H = 1 / s^2
         tensor([[4.],
@@ -404,7 +404,7 @@ def hvp(f: Callable[[Params], Tensor], params: Params, v: Params, *, mode: str =
     Returns:
         A dict like ``params``.
 
-    Example:
+    Examples:
         >>> f = lambda p: (p["a"] ** 3).sum()  # Hessian diag(6 a)
         >>> hvp(f, {"a": torch.tensor([1.0, 2.0])}, {"a": torch.tensor([1.0, 1.0])})
         {'a': tensor([ 6., 12.])}
@@ -496,7 +496,7 @@ def ggnvp(
     Returns:
         A dict like ``params``.
 
-    Example:
+    Examples:
         >>> fn = lambda p, x: x @ p["w"]  # linear-Gaussian: G = X^T X / s^2
         >>> x = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
         >>> ggnvp(fn, {"w": torch.zeros(2)}, x, {"w": torch.tensor([1.0, 0.0])}, "normal")
@@ -518,11 +518,13 @@ def fvp(
 
     Args:
         log_lik: ``(params, x, y) -> (B,)`` per-example log-likelihoods.
-        params, x, y: where to evaluate and the batch.
+        params: where to evaluate.
+        x: the batch of inputs.
+        y: the batch of targets.
         v: the direction, a dict like ``params``.
         mode: as in :func:`ggnvp`.
 
-    Example:
+    Examples:
         >>> ll = lambda p, x, y: -0.5 * (y - x @ p["w"]) ** 2
         >>> x, y = torch.tensor([[1.0], [2.0]]), torch.tensor([1.0, 0.0])
         >>> fvp(ll, {"w": torch.zeros(1)}, x, y, {"w": torch.ones(1)})  # g = (1, 0)
@@ -551,7 +553,7 @@ def per_example_grads(log_lik: LogLikFn, params: Params, x: Any, y: Any) -> Para
     Returns:
         A dict of ``(B, *param.shape)`` tensors.
 
-    Example:
+    Examples:
         >>> ll = lambda p, x, y: -0.5 * (y - x @ p["w"]) ** 2
         >>> x, y = torch.tensor([[1.0], [2.0]]), torch.tensor([1.0, 0.0])
         >>> per_example_grads(ll, {"w": torch.zeros(1)}, x, y)["w"]
@@ -613,7 +615,7 @@ def diag_ggn(fn: ModelFn, params: Params, x: Any, likelihood: str | Likelihood) 
     Returns:
         A dict like ``params``.
 
-    Example:
+    Examples:
         >>> fn = lambda p, x: x @ p["w"]
         >>> diag_ggn(fn, {"w": torch.zeros(2)}, torch.tensor([[1.0, 2.0]]), "bernoulli")
         {'w': tensor([0.2500, 1.0000])}
@@ -628,7 +630,7 @@ def diag_ggn(fn: ModelFn, params: Params, x: Any, likelihood: str | Likelihood) 
 def dense_ggn(fn: ModelFn, params: Params, x: Any, likelihood: str | Likelihood) -> Tensor:
     r"""The GGN :math:`G = \sum_i J_i^\top H_i J_i` as a :math:`(P, P)` matrix over :func:`flatten`.
 
-    Example:
+    Examples:
         >>> fn = lambda p, x: x @ p["w"]
         >>> dense_ggn(fn, {"w": torch.zeros(2)}, torch.tensor([[1.0, 2.0]]), "bernoulli")
         tensor([[0.2500, 0.5000],
@@ -648,7 +650,7 @@ def diag_ef(per_example: Mapping[str, Tensor]) -> Params:
             :func:`per_example_grads`, ``ModulePotential.per_example_grads`` or
             ``PyroPotential.per_example_grads``.
 
-    Example:
+    Examples:
         >>> diag_ef({"w": torch.tensor([[1.0, 2.0], [3.0, 0.0]])})
         {'w': tensor([10.,  4.])}
     """
@@ -658,7 +660,7 @@ def diag_ef(per_example: Mapping[str, Tensor]) -> Params:
 def dense_ef(per_example: Mapping[str, Tensor]) -> Tensor:
     r"""The empirical Fisher :math:`\sum_i g_i g_i^\top`, :math:`(P, P)` over :func:`flatten`.
 
-    Example:
+    Examples:
         >>> dense_ef({"w": torch.tensor([[1.0, 2.0], [3.0, 0.0]])})
         tensor([[10.,  2.],
                 [ 2.,  4.]])
@@ -719,12 +721,13 @@ def diag_mc_fisher(
         log_lik: ``(params, x, y) -> (B,)`` per-example log-likelihoods.
         sample_y: ``(params, x, generator) -> y``, one draw per row of ``x``, e.g.
             ``lambda p, x, g: Likelihood("bernoulli").sample(fn(p, x), g)``.
-        params, x: where to evaluate and the batch of inputs.
+        params: where to evaluate.
+        x: the batch of inputs.
         num_samples: :math:`S` draws per example.
         generator: source of the draws.
         chunk_size: at most this many (draw, example) rows per vectorised pass.
 
-    Example:
+    Examples:
         >>> lik, fn = Likelihood("bernoulli"), lambda p, x: x @ p["w"]
         >>> ll = lambda p, x, y: lik.log_prob(fn(p, x), y)
         >>> draw = lambda p, x, g: lik.sample(fn(p, x), g)
@@ -750,7 +753,7 @@ def dense_mc_fisher(
 
     As :func:`diag_mc_fisher`, over :func:`flatten`.
 
-    Example:
+    Examples:
         >>> lik, fn = Likelihood("bernoulli"), lambda p, x: x @ p["w"]
         >>> ll = lambda p, x, y: lik.log_prob(fn(p, x), y)
         >>> draw = lambda p, x, g: lik.sample(fn(p, x), g)
@@ -774,7 +777,9 @@ def accumulate_ggn(
     """The GGN summed over batches (:func:`diag_ggn` or :func:`dense_ggn` per batch).
 
     Args:
-        fn, params, likelihood: as in :func:`ggnvp`.
+        fn: as in :func:`ggnvp`.
+        params: as in :func:`ggnvp`.
+        likelihood: as in :func:`ggnvp`.
         batches: an iterable of ``(x, y)`` pairs (``y`` unused) or of inputs ``x``, e.g.
             a ``DataLoader``; moved to the parameters' device.
         diagonal: a dict like ``params`` (memory :math:`O(P)` besides one batch's
@@ -783,7 +788,7 @@ def accumulate_ggn(
     Returns:
         The sum over every example seen (no mean, no prior).
 
-    Example:
+    Examples:
         >>> fn = lambda p, x: x @ p["w"]
         >>> batches = [(torch.ones(2, 2), None), (torch.ones(3, 2), None)]
         >>> accumulate_ggn(fn, {"w": torch.zeros(2)}, batches, "normal")
@@ -823,7 +828,7 @@ def accumulate_ef(
     Returns:
         The sum over every example seen (no mean, no prior).
 
-    Example:
+    Examples:
         >>> ll = lambda p, x, y: -0.5 * (y - x @ p["w"]) ** 2
         >>> grads_fn = lambda p, b: per_example_grads(ll, p, *b)
         >>> batches = [(torch.ones(2, 1), torch.ones(2)), (torch.ones(1, 1), 3 * torch.ones(1))]
@@ -856,7 +861,7 @@ def accumulate_mc_fisher(
     Batches are ``(x, y)`` pairs (``y`` unused: targets are drawn from the model) or
     inputs ``x``. Returns the sum over every example seen.
 
-    Example:
+    Examples:
         >>> lik, fn = Likelihood("normal"), lambda p, x: x @ p["w"]
         >>> ll = lambda p, x, y: lik.log_prob(fn(p, x), y)
         >>> draw = lambda p, x, g: lik.sample(fn(p, x), g)
@@ -907,7 +912,7 @@ def kron_mvp(A: Tensor, G: Tensor, V: Tensor) -> Tensor:
     Returns:
         ``G @ V @ A.T``, shape ``(m, n)``.
 
-    Example:
+    Examples:
         >>> A, G, V = torch.randn(3, 3), torch.randn(2, 2), torch.randn(2, 3)
         >>> torch.allclose(kron_mvp(A, G, V).reshape(-1), torch.kron(G, A) @ V.reshape(-1),
         ...                atol=1e-5)
@@ -929,7 +934,7 @@ def kfac_to_dense(factors: KFACFactors) -> Tensor:
     :func:`dense_ggn`. For checks and small layers only: it is
     :math:`(d_{out} d_{in})^2`.
 
-    Example:
+    Examples:
         >>> f = KFACFactors(A=torch.eye(2), G=torch.eye(3), bias=True)
         >>> kfac_to_dense(f).shape
         torch.Size([6, 6])
@@ -1010,14 +1015,15 @@ def kfac_factors(
             ``module(x)`` is called.
         likelihood: a :class:`Likelihood` or its name.
         variant: ``"ef"``, ``"ggn"`` or ``"mc"``.
-        num_samples, generator: the draws of ``"mc"``.
+        num_samples: the number of draws of ``"mc"``.
+        generator: their source.
         output_transform: map from the module's output to the likelihood's natural
             parameter (e.g. ``lambda out: out.squeeze(-1)``).
 
     Returns:
         ``{layer name: KFACFactors}``, names as in ``module.named_modules()``.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
         ...                           torch.nn.Linear(4, 2))
@@ -1186,7 +1192,9 @@ def cg(
         matvec: :math:`v \mapsto A v`, same structure in and out.
         b: the right-hand side.
         x0: the starting point (zeros by default).
-        tol, atol: stop when :math:`\|r\| \le \max(\mathrm{tol} \|b\|, \mathrm{atol})`.
+        tol: relative tolerance: stop when
+            :math:`\|r\| \le \max(\mathrm{tol} \|b\|, \mathrm{atol})`.
+        atol: absolute tolerance.
         max_iter: at most this many iterations (default ``10 * numel(b)``).
         damping: :math:`\lambda \ge 0`, e.g. the prior precision.
 
@@ -1197,7 +1205,7 @@ def cg(
         ValueError: :math:`p^\top (A + \lambda I) p \le 0` (not positive definite: add
             damping).
 
-    Example:
+    Examples:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
         >>> x, info = cg(lambda v: {"w": A @ v["w"]}, {"w": torch.tensor([1.0, 2.0])})
         >>> x["w"], info.converged

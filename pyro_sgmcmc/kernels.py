@@ -24,6 +24,7 @@ What a kernel adds to the bare sampler:
      sees too little of the posterior, so it is floored at 1/4 of the buffer's
      ``min(1, F^-1/2)``. The
      **control variates** are re-centred at the window's mean;
+
   3. the last 10% samples with everything frozen.
 
   With ``beta="auto"`` the minibatch gradient noise is estimated throughout from
@@ -33,9 +34,9 @@ What a kernel adds to the bare sampler:
   ``step_size * friction <= sigma^2``.
 * **Control variates** (``control_variates="auto"``: on when the per-example
   gradient table, data x parameters, has at most 2e7 entries): the minibatch
-  gradient becomes :math:`\\nabla\\tilde U_B(\\theta) - \\nabla\\tilde U_B(\\hat\\theta)
-  + \\nabla U(\\hat\\theta)`, still unbiased, with noise that vanishes as
-  :math:`\\theta \\to \\hat\\theta` (Baker et al., 2019). One pass over the data per
+  gradient becomes :math:`\nabla\tilde U_B(\theta) - \nabla\tilde U_B(\hat\theta)
+  + \nabla U(\hat\theta)`, still unbiased, with noise that vanishes as
+  :math:`\theta \to \hat\theta` (Baker et al., 2019). One pass over the data per
   window, then an O(B) gather per step.
 * **Thinning.** Pyro's MCMC has none; here each retained draw is ``thinning``
   sampler steps (warm-up steps are never thinned).
@@ -701,7 +702,7 @@ class SGLDKernel(SGMCMCKernel):
 
     All arguments are those of :class:`SGMCMCKernel`.
 
-    Example:
+    Examples:
         >>> import pyro, pyro.distributions as dist, torch
         >>> from pyro.infer import MCMC
         >>> from pyro_sgmcmc import SGLDKernel
@@ -787,7 +788,7 @@ class SGHMCKernel(_MomentumKernel):
         **kwargs: those of :class:`SGMCMCKernel` (``model``, ``subsample_size``,
             ``step_size``, ``temperature``, ``thinning``, ...).
 
-    Example:
+    Examples:
         >>> import pyro, pyro.distributions as dist, torch
         >>> from pyro.infer import MCMC
         >>> from pyro_sgmcmc import SGHMCKernel

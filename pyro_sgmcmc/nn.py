@@ -29,7 +29,7 @@ batch)``, so ``torch.func.grad`` and ``torch.func.vmap`` apply to it: many chain
 one batch are ``vmap(grad(pot.potential))`` over parameters with a leading chain
 dimension (the sampler steps are elementwise, so they take such parameters as is).
 
-Example:
+Examples:
     Bayesian linear regression sampled with SGHMC over a ``DataLoader``:
 
     >>> import torch
@@ -118,7 +118,7 @@ def bernoulli_log_likelihood(logits: Tensor, y: Tensor) -> Tensor:
 
     Extra dimensions (multi-label targets) are summed per example.
 
-    Example:
+    Examples:
         >>> bernoulli_log_likelihood(torch.zeros(2, 1), torch.tensor([0.0, 1.0]))
         tensor([-0.6931, -0.6931])
     """
@@ -133,7 +133,7 @@ def categorical_log_likelihood(logits: Tensor, y: Tensor) -> Tensor:
     ``logits`` has the classes last, ``(B, ..., C)``, and ``y`` the shape ``(B, ...)``;
     extra dimensions (tokens of a sequence) are summed per example.
 
-    Example:
+    Examples:
         >>> categorical_log_likelihood(torch.zeros(2, 4), torch.tensor([0, 3]))
         tensor([-1.3863, -1.3863])
     """
@@ -160,7 +160,7 @@ def normal_log_likelihood(scale: float | Tensor) -> LogLikelihood:
     Returns:
         ``(output, y) -> (B,)`` per-example log-likelihoods, extra dimensions summed.
 
-    Example:
+    Examples:
         >>> ll = normal_log_likelihood(1.0)
         >>> ll(torch.zeros(2, 1), torch.tensor([0.0, 1.0]))
         tensor([-0.9189, -1.4189])
@@ -224,7 +224,7 @@ class ModulePotential:
         names: the sampled parameters' names, in ``named_parameters()`` order.
         num_data: :math:`N`.
 
-    Example:
+    Examples:
         >>> net = torch.nn.Linear(2, 1)
         >>> pot = ModulePotential(net, bernoulli_log_likelihood, prior=1.0, num_data=100)
         >>> u, grads = pot.potential_and_grad(pot.params(), (torch.randn(8, 2), torch.ones(8)))

@@ -72,7 +72,7 @@ class IndexStream:
     the next permutation). Either way every index slot is uniform over the data, so
     minibatch estimates are unbiased.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> stream = IndexStream(10, 4, generator=g)
         >>> sorted(torch.cat([stream() for _ in range(5)]).tolist()) == sorted(2 * list(range(10)))
@@ -138,7 +138,8 @@ class PyroPotential:
 
     Args:
         model: a Pyro model (a callable with ``pyro.sample`` statements).
-        model_args, model_kwargs: the arguments the model is called with.
+        model_args: the positional arguments the model is called with.
+        model_kwargs: its keyword arguments.
         subsample_size: minibatch size ``B``; ``None`` uses the full data every step.
         plate: name of the data plate; found automatically when exactly one
             vectorised plate holds observed sites.
@@ -160,7 +161,7 @@ class PyroPotential:
             ``pyro.infer.mcmc.util.initialize_model`` returns them).
         num_data: ``N``.
 
-    Example:
+    Examples:
         >>> import pyro, pyro.distributions as dist, torch
         >>> def model(y):
         ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))

@@ -48,7 +48,7 @@ def load_pima(
         intercept: prepend a column of ones (after standardising).
         dtype: floating dtype of ``X`` and ``y``.
 
-    Example:
+    Examples:
         >>> data = load_pima()
         >>> data.X.shape, int(data.y.sum())
         (torch.Size([768, 8]), 268)
@@ -78,7 +78,7 @@ def logistic_regression_model(X: Tensor, y: Tensor | None = None, prior_scale: f
 
     Written with the idiomatic data plate, so SGMCMC kernels can subsample it.
 
-    Example:
+    Examples:
         >>> data = load_pima()
         >>> tr = pyro.poutine.trace(logistic_regression_model).get_trace(data.X, data.y)
         >>> tr.nodes["w"]["value"].shape

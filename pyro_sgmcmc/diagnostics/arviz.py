@@ -166,7 +166,7 @@ def to_inference_data(
     Returns:
         The ``InferenceData``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> samples = {"mu": torch.randn(2, 100), "w": torch.randn(2, 100, 3)}
         >>> idata = to_inference_data(samples, divergences=[[3], []])
@@ -228,7 +228,7 @@ def nested_rhat(draws: Any, num_superchains: int) -> float | np.ndarray:
         :math:`\mathfrak n\widehat R`, a float for ``(chains, draws)`` input, otherwise an
         array of the trailing shape.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> draws = np.array([[0.0, 2.0], [2.0, 4.0], [4.0, 6.0], [6.0, 8.0]])
         >>> round(nested_rhat(draws, 2), 6)  # B = 8, W = 2 + 2: sqrt(1 + 8/4)
@@ -406,7 +406,7 @@ def report(
     Returns:
         A :class:`Report`: ``.table`` is a ``pandas.DataFrame``, ``str()`` a text table.
 
-    Example:
+    Examples:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
         >>> samples = {"mu": torch.randn(4, 200, generator=g)}

@@ -109,7 +109,7 @@ def stein_kernel_matrix(
     Returns:
         The ``(m, p)`` matrix :math:`k_p(x_i, y_j)`.
 
-    Example:
+    Examples:
         >>> x = torch.zeros(1, 2, dtype=torch.float64)
         >>> stein_kernel_matrix(x, -x, x, -x, kernel="rbf")  # d / h^2 at the mode
         tensor([[2.]], dtype=torch.float64)
@@ -149,7 +149,7 @@ def median_bandwidth(x: Tensor, max_points: int = 1000) -> float:
     Returns:
         The bandwidth :math:`h` as a float.
 
-    Example:
+    Examples:
         >>> median_bandwidth(torch.tensor([[0.0], [1.0], [3.0]]))
         2.0
     """
@@ -250,7 +250,7 @@ def potential_score(
     Returns:
         The scores, a dict of ``(n, *site_shape)`` tensors.
 
-    Example:
+    Examples:
         >>> import pyro, pyro.distributions as dist
         >>> def model(y):
         ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
@@ -348,7 +348,7 @@ def ksd(
     Returns:
         The KSD, a 0-d tensor of ``dtype`` on the samples' device.
 
-    Example:
+    Examples:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
         >>> x = torch.randn(500, 2, generator=g)  # exact draws from N(0, I)

@@ -83,7 +83,7 @@ def adaptation_windows(warmup_steps: int) -> list[int]:
     and a final buffer of 10% in which the preconditioner is already fixed.
     Returns an empty list for fewer than 20 warm-up steps.
 
-    Example:
+    Examples:
         >>> adaptation_windows(1000)
         [199, 299, 499, 899]
     """

@@ -20,7 +20,7 @@ Schedule = Callable[[int], float]
 def constant(step_size: float) -> Schedule:
     """Always ``step_size``.
 
-    Example:
+    Examples:
         >>> constant(0.1)(1000)
         0.1
     """
@@ -32,7 +32,7 @@ def constant(step_size: float) -> Schedule:
 def polynomial(a: float, b: float = 1.0, gamma: float = 0.55) -> Schedule:
     """Robbins-Monro decay ``a * (b + t) ** -gamma``.
 
-    Example:
+    Examples:
         >>> s = polynomial(0.1, b=1.0, gamma=0.55)
         >>> s(0), round(s(99), 4)
         (0.1, 0.0079)
@@ -47,7 +47,7 @@ def polynomial(a: float, b: float = 1.0, gamma: float = 0.55) -> Schedule:
 def cyclical(step_size: float, num_steps: int, num_cycles: int) -> Schedule:
     """Cosine cycles from ``step_size`` down to ~0, ``num_cycles`` of them in ``num_steps``.
 
-    Example:
+    Examples:
         >>> s = cyclical(0.1, num_steps=100, num_cycles=2)
         >>> s(0), s(50), round(s(25), 3)
         (0.1, 0.1, 0.05)

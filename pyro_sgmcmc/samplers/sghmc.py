@@ -128,7 +128,7 @@ def step(
         generator: source of the Gaussian noise.
         noise_std: optional precomputed :func:`momentum_noise_std` for these arguments.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyro_sgmcmc.samplers import sghmc
         >>> state = sghmc.init({"x": torch.zeros(3)})

@@ -58,7 +58,7 @@ def step(
         inv_mass: optional diagonal preconditioner :math:`D`.
         generator: source of the Gaussian noise.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyro_sgmcmc.samplers import sgld
         >>> state = sgld.init({"x": torch.zeros(2)})

@@ -86,7 +86,7 @@ def step(
         inv_mass: optional diagonal preconditioner :math:`D`.
         generator: source of the Gaussian noise.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyro_sgmcmc.samplers import sgnht
         >>> state = sgnht.init({"x": torch.zeros(4)}, alpha=1.0)
