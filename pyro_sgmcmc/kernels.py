@@ -587,16 +587,22 @@ class SGMCMCKernel(MCMCKernel):
                 self._update_beta()
         if t < self._window_start or not self._windows:
             return
-        self._welford.update(self._state.params, batched=self.num_chains is not None)
+        # Vectorised chains: each chain's own variance (a tensor per chain), averaged
+        # below; pooling them would count the spread between modes as posterior width.
+        self._welford.update(self._state.params)
         if t != self._windows[0]:
             return
         self._windows.pop(0)
         self._window_start = t + 1
+        window_mean, window_var = self._welford.mean, self._welford.variance()
+        if self.num_chains is not None:
+            window_mean = {k: v.mean(0) for k, v in window_mean.items()}
+            window_var = {k: v.mean(0) for k, v in window_var.items()}
         if self._cv_enabled:
-            self._set_cv_centre(self._welford.mean)
+            self._set_cv_centre(window_mean)
         if self.adapt_mass_matrix:
             tau = self.temperature / self.potential.num_data
-            new = {k: v / tau for k, v in self._welford.variance().items()}
+            new = {k: v / tau for k, v in window_var.items()}
             if self._fisher_scale is not None:
                 # A slowly mixing chain (SGLD) sees too little of the posterior in a short
                 # window, and a smaller D mixes slower still: keep D >= 1/4 of the data's
