@@ -10,11 +10,15 @@ conventions of :mod:`pyro_sgmcmc.samplers.sghmc`:
     m_{t+1} &= (1 - \epsilon\sigma^{-2}\xi_t)\, m_t - \nabla \tilde U(\theta_t)
         + \mathcal N\!\big(0,\; \tau D^{-1} \max(2\alpha - \beta, 0)\big), \\
     \theta_{t+1} &= \theta_t + \epsilon \sigma^{-2} D\, m_{t+1}, \\
-    \xi_{t+1} &= \xi_t + \kappa \big(T_{\mathrm{kin}}(m_{t+1}) - T\big),
+    \xi_{t+1} &= \xi_t + \kappa \big((1 - \tfrac12\epsilon\sigma^{-2}\xi_t)\,
+        T_{\mathrm{kin}}(m_{t+1}) - T\big),
     \qquad T_{\mathrm{kin}}(m) = N \cdot \mathrm{mean}_i\, \epsilon\sigma^{-2} D_i m_i^2,
 
-where :math:`T_{\mathrm{kin}}` is the kinetic temperature (its stationary mean is
-:math:`T`), :math:`\alpha` the constant injected diffusion and :math:`\kappa` the
+where :math:`T_{\mathrm{kin}}` is the kinetic temperature (the factor
+:math:`1 - \epsilon\sigma^{-2}\xi/2` corrects it for the Euler scheme, whose stationary
+momentum variance is :math:`2\tau/(2 - \epsilon\sigma^{-2}\xi)`: without it every
+variance would be :math:`O(\epsilon\xi/2)` too small), :math:`\alpha` the constant
+injected diffusion and :math:`\kappa` the
 thermostat rate (an inverse thermostat mass; any :math:`\kappa > 0` leaves the
 target invariant). :math:`\xi` is capped at :math:`\sigma^2/\epsilon`, where the
 momentum decay reaches 1: a far start can otherwise push it past, and the momenta
@@ -114,7 +118,10 @@ def step(
         params[name] = theta + lr * d * m
         kinetic = kinetic + (lr * d * m.square()).sum().to(state.xi.dtype)
         count += m.numel()
-    xi = state.xi + kappa * (num_data * kinetic / count - temperature)
+    # The Euler scheme's stationary kinetic energy is 2 tau / (2 - eps xi / sigma^2), not
+    # tau: pinning the uncorrected one would leave every variance O(eps xi / 2) too small.
+    corrected = num_data * kinetic / count * (1.0 - 0.5 * lr * state.xi)
+    xi = state.xi + kappa * (corrected - temperature)
     # Past sigma^2 / step_size the momentum decay would turn negative (and the momenta
     # oscillate and blow up), which a far start can provoke: cap the thermostat there.
     return SGNHTState(params, momenta, torch.clamp(xi, max=1.0 / lr))
