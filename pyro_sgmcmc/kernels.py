@@ -81,6 +81,15 @@ def _expand_mask(mask: Tensor, like: Tensor) -> Tensor:
     return mask.reshape(mask.shape + (1,) * (like.dim() - 1))
 
 
+def _finite(u: Tensor, grads: dict[str, Tensor]) -> Tensor:
+    """Whether the potential and every gradient are finite, per chain (``u``'s shape).
+
+    One reduction instead of one check per site: a NaN or inf anywhere makes the sum
+    non-finite.
+    """
+    return torch.isfinite(u + sum(g.reshape(*u.shape, -1).sum(-1) for g in grads.values()))
+
+
 def _select_chains(mask: Tensor, where_true, where_false):
     """The sampler state taking the chains in ``mask`` from ``where_true``."""
     fields = {}
@@ -319,7 +328,7 @@ class SGMCMCKernel(MCMCKernel):
         }
         for _ in range(100):
             u, grads = self.potential.batched_potential_and_grad(params, None)
-            bad = ~torch.isfinite(u + sum(g.reshape(len(u), -1).sum(1) for g in grads.values()))
+            bad = ~_finite(u, grads)
             if not bad.any():
                 return params
             params = {
@@ -444,7 +453,7 @@ class SGMCMCKernel(MCMCKernel):
     def _init_state(self, params: dict[str, Tensor]):
         return self._sampler.init(params)
 
-    def _sampler_kwargs(self) -> dict[str, Any]:
+    def _sampler_kwargs(self, step_size: float) -> dict[str, Any]:
         return {}
 
     def _step_size(self) -> float:
@@ -466,15 +475,11 @@ class SGMCMCKernel(MCMCKernel):
         idx = self.potential.next_indices()
         phi = self._state.params
         u, grads = self.potential.potential_and_grad(phi, idx)
-        if self._cv is not None:
-            table, mean = self._cv
-            grads = {
-                k: g.add_(torch.index_select(table[k], 0, idx).mean(0)).sub_(mean[k])
-                for k, g in grads.items()
-            }
-        check = u + sum(g.sum() for g in grads.values())
-        if not torch.isfinite(check):
-            self._on_nonfinite(phi, idx, warm)
+        grads = self._control_variate(grads, idx)
+        if not _finite(u, grads):
+            self._on_nonfinite([0], phi, idx, warm)
+            # Undo the step that led here and restart the momenta from rest.
+            self._state = self._reset_momenta(self._prev_state)
             return
         self._last_u = u
         self._prev_state = self._state
@@ -484,30 +489,27 @@ class SGMCMCKernel(MCMCKernel):
             self._adapt(idx)
 
     def _sampler_step(self, grads):
+        step_size = self._step_size()
         return self._sampler.step(
             self._state,
             grads,
-            self._step_size(),
+            step_size,
             temperature=0.0 if self._optimising else self.temperature,
             num_data=self.potential.num_data,
             inv_mass=self._inv_mass,
             generator=self._chain_generators or self._generator,
-            **self._sampler_kwargs(),
+            **self._sampler_kwargs(step_size),
         )
 
     def _one_batched_step(self, warm: bool) -> None:
         """One step of all chains: one vmapped gradient; non-finite chains are undone."""
-        chains = self.num_chains
-        idx = self.potential.next_indices(chains, self._chain_generators)
+        idx = self.potential.next_indices(self.num_chains, self._chain_generators)
         phi = self._state.params
         u, grads = self.potential.batched_potential_and_grad(phi, idx)
-        if self._cv is not None:
-            table, mean = self._cv
-            grads = {k: g + table[k][idx].mean(1) - mean[k] for k, g in grads.items()}
-        check = u + sum(g.reshape(chains, -1).sum(1) for g in grads.values())
-        bad = ~torch.isfinite(check)
+        grads = self._control_variate(grads, idx)
+        bad = ~_finite(u, grads)
         if bad.any():
-            self._on_nonfinite_chains(bad, phi, idx, warm)
+            self._on_nonfinite(torch.nonzero(bad).flatten().tolist(), phi, idx, warm)
             grads = {
                 k: torch.where(_expand_mask(bad, g), torch.zeros_like(g), g)
                 for k, g in grads.items()
@@ -522,43 +524,45 @@ class SGMCMCKernel(MCMCKernel):
         if warm and self._warmup_steps >= 20:
             self._adapt(idx)
 
-    def _on_nonfinite_chains(self, bad: Tensor, phi, idx, warm: bool) -> None:
-        self._num_nonfinite += bad.long()
-        if not warm:
-            index = self._calls - self._warmup_steps
-            for c in torch.nonzero(bad).flatten().tolist():
+    def _control_variate(self, grads: dict[str, Tensor], idx) -> dict[str, Tensor]:
+        """Add the batch mean of the centre's per-example gradients (per chain when
+        ``idx`` is ``(C, B)``) and subtract their data mean; unchanged without a centre."""
+        if self._cv is None:
+            return grads
+        table, mean = self._cv
+        out = {}
+        for k, g in grads.items():
+            rows = torch.index_select(table[k], 0, idx.reshape(-1))
+            rows = rows.reshape(*idx.shape, *table[k].shape[1:]).mean(idx.dim() - 1)
+            out[k] = g.add_(rows).sub_(mean[k])
+        return out
+
+    def _on_nonfinite(self, chains: list[int], phi, idx, warm: bool) -> None:
+        """Count the non-finite steps of ``chains`` (their divergences when sampling) and
+        raise, naming the step and the sites, once one has more than max_divergences."""
+        for c in chains:
+            self._num_nonfinite[c] += 1
+            if not warm:
+                index = self._calls - self._warmup_steps
                 if not self._divergences[c] or self._divergences[c][-1] != index:
                     self._divergences[c].append(index)
-        worst = int(self._num_nonfinite.argmax())
-        if int(self._num_nonfinite[worst]) > self.max_divergences:
-            one = {k: v[worst] for k, v in phi.items()}
-            sites = self.potential.nonfinite_sites(one, None if idx is None else idx[worst])
-            stage = "warm-up" if warm else "sampling"
-            raise NonFiniteError(
-                f"chain {worst}: non-finite potential or gradient at step {self._t} ({stage}), "
-                f"sites {sites}; {int(self._num_nonfinite[worst])} non-finite steps "
-                f"(max_divergences={self.max_divergences}). Lower step_size (now "
-                f"{self._step_size():.3g}) or check the model's log-density there"
-            )
-
-    def _on_nonfinite(self, phi, idx, warm: bool) -> None:
-        self._num_nonfinite += 1
-        if not warm:
-            index = self._calls - self._warmup_steps
-            if not self._divergences[0] or self._divergences[0][-1] != index:
-                self._divergences[0].append(index)
-        if int(self._num_nonfinite[0]) > self.max_divergences:
-            sites = self.potential.nonfinite_sites(phi, idx)
-            stage = "warm-up" if warm else "sampling"
-            raise NonFiniteError(
-                f"non-finite potential or gradient at step {self._t} ({stage}), sites "
-                f"{sites}; {int(self._num_nonfinite[0])} non-finite steps in all (max_divergences="
-                f"{self.max_divergences}). Lower step_size (now {self._schedule(self._t):.3g}) "
-                "or check the model's log-density there"
-            )
-        # Undo the step that led here and restart the momenta from rest.
-        prev = self._prev_state
-        self._state = self._reset_momenta(prev)
+        worst = max(chains, key=lambda c: int(self._num_nonfinite[c]))
+        count = int(self._num_nonfinite[worst])
+        if count <= self.max_divergences:
+            return
+        label = ""
+        if self.num_chains is not None:
+            phi = {k: v[worst] for k, v in phi.items()}
+            idx = None if idx is None else idx[worst] if idx.dim() == 2 else idx
+            label = f"chain {worst}: "
+        sites = self.potential.nonfinite_sites(phi, idx)
+        stage = "warm-up" if warm else "sampling"
+        raise NonFiniteError(
+            f"{label}non-finite potential or gradient at step {self._t} ({stage}), sites "
+            f"{sites}; {count} non-finite steps in all (max_divergences="
+            f"{self.max_divergences}). Lower step_size (now {self._schedule(self._t):.3g}) "
+            "or check the model's log-density there"
+        )
 
     def _reset_momenta(self, state):
         if hasattr(state, "momenta"):
@@ -774,7 +778,7 @@ class _MomentumKernel(SGMCMCKernel):
         """The friction in use: ``alpha``, raised to half the largest ``beta`` if needed."""
         return self._alpha
 
-    def _sampler_kwargs(self) -> dict[str, Any]:
+    def _sampler_kwargs(self, step_size: float) -> dict[str, Any]:
         alpha = self.alpha if self._optimising else self._alpha
         return {"alpha": alpha, "beta": self._beta, "sigma": self.sigma}
 
@@ -812,9 +816,9 @@ class SGHMCKernel(_MomentumKernel):
 
     _sampler = sghmc
 
-    def _sampler_kwargs(self) -> dict[str, Any]:
-        kwargs = super()._sampler_kwargs()
-        sghmc.momentum_decay(self._step_size(), kwargs["alpha"], self.sigma)
+    def _sampler_kwargs(self, step_size: float) -> dict[str, Any]:
+        kwargs = super()._sampler_kwargs(step_size)
+        sghmc.momentum_decay(step_size, kwargs["alpha"], self.sigma)
         # The noise scale only changes with alpha, beta and D: compute it once per change.
         key = (kwargs["alpha"], id(self._beta), id(self._inv_mass))
         if key != getattr(self, "_noise_std_key", None):
@@ -874,12 +878,21 @@ class SGNHTKernel(_MomentumKernel):
 
     _sampler = sgnht
 
-    def __init__(self, model=None, potential_fn=None, *, thermostat_rate=None, beta=0.0, **kwargs):
-        super().__init__(model, potential_fn, beta=beta, **kwargs)
+    def __init__(
+        self,
+        model: Callable | None = None,
+        potential_fn: Callable | None = None,
+        *,
+        alpha: float = 2.0,
+        thermostat_rate: float | None = None,
+        beta: float | str = 0.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(model, potential_fn, alpha=alpha, beta=beta, **kwargs)
         self.thermostat_rate = thermostat_rate
 
     def _init_state(self, params):
         return sgnht.init(params, alpha=self.alpha)
 
-    def _sampler_kwargs(self) -> dict[str, Any]:
-        return {**super()._sampler_kwargs(), "thermostat_rate": self.thermostat_rate}
+    def _sampler_kwargs(self, step_size: float) -> dict[str, Any]:
+        return {**super()._sampler_kwargs(step_size), "thermostat_rate": self.thermostat_rate}
