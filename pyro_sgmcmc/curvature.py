@@ -122,8 +122,13 @@ _MODES = ("auto", "forward", "reverse")
 
 
 # ---------------------------------------------------------------------- dict helpers
-def flatten(params: Mapping[str, Tensor]) -> Tensor:
+def flatten(params: Mapping[str, Tensor], batch_dims: int = 0) -> Tensor:
     """Concatenate the parameters, each flattened row-major, in dict order.
+
+    Args:
+        params: a dict of tensors.
+        batch_dims: leading dimensions shared by all entries (e.g. 1 for draws
+            ``(S, *shape)``), kept in front.
 
     Examples:
         >>> flatten({"w": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([3.0])})
@@ -131,24 +136,31 @@ def flatten(params: Mapping[str, Tensor]) -> Tensor:
     """
     if not params:
         raise ValueError("params is empty: pass a dict of at least one tensor")
-    return torch.cat([p.reshape(-1) for p in params.values()])
+    parts = list(params.values())
+    lead = parts[0].shape[:batch_dims]
+    return torch.cat([p.reshape((*lead, -1)) for p in parts], dim=-1)
 
 
 def unflatten(vec: Tensor, like: Mapping[str, Tensor]) -> Params:
-    """Split a flat vector into a dict shaped like ``like`` (the inverse of :func:`flatten`).
+    """Split the last dimension of ``vec`` into a dict shaped like ``like``.
+
+    Leading dimensions of ``vec`` (e.g. draws) are kept in front of every entry.
 
     Examples:
         >>> unflatten(torch.arange(3.0), {"w": torch.zeros(1, 2), "b": torch.zeros(1)})
         {'w': tensor([[0., 1.]]), 'b': tensor([2.])}
     """
     sizes = [p.numel() for p in like.values()]
-    if vec.dim() != 1 or vec.numel() != sum(sizes):
+    if vec.dim() < 1 or vec.shape[-1] != sum(sizes):
         raise ValueError(
-            f"vec must be 1-D with {sum(sizes)} entries (the parameters' total size), "
-            f"got shape {tuple(vec.shape)}"
+            f"vec's last dimension must have {sum(sizes)} entries (the parameters' total "
+            f"size), got shape {tuple(vec.shape)}"
         )
-    parts = vec.split(sizes)
-    return {k: part.reshape(p.shape) for (k, p), part in zip(like.items(), parts, strict=True)}
+    lead = vec.shape[:-1]
+    parts = vec.split(sizes, dim=-1)
+    return {
+        k: part.reshape((*lead, *p.shape)) for (k, p), part in zip(like.items(), parts, strict=True)
+    }
 
 
 def module_fn(
