@@ -341,11 +341,6 @@ class SGMCMCKernel(MCMCKernel):
         )
 
     def _check_vectorisable(self, params: dict[str, Tensor]) -> None:
-        if self._sampler is sgnht:
-            raise NotImplementedError(
-                "SGNHT keeps one thermostat per state; vectorised chains need one per chain "
-                "(not yet supported): use SGHMCKernel or BAOAKernel"
-            )
         for name, value in params.items():
             if value.dim() == 0 or value.shape[0] != self.num_chains:
                 raise ValueError(
@@ -892,7 +887,9 @@ class SGNHTKernel(_MomentumKernel):
         self.thermostat_rate = thermostat_rate
 
     def _init_state(self, params):
-        return sgnht.init(params, alpha=self.alpha)
+        # Vectorised chains: one thermostat per chain.
+        batch_shape = () if self.num_chains is None else (self.num_chains,)
+        return sgnht.init(params, alpha=self.alpha, batch_shape=batch_shape)
 
     def _sampler_kwargs(self, step_size: float) -> dict[str, Any]:
         return {**super()._sampler_kwargs(step_size), "thermostat_rate": self.thermostat_rate}

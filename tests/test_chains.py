@@ -113,14 +113,6 @@ def test_vectorised_errors(linreg):
         MCMC(NUTS(model), num_samples=5, num_chains=2)
     with pytest.raises(ValueError, match="chain_method"):
         MCMC(SGHMCKernel(model), num_samples=5, chain_method="threads")
-    with pytest.raises(NotImplementedError, match="one per chain"):
-        MCMC(
-            SGNHTKernel(model, subsample_size=20),
-            num_samples=5,
-            warmup_steps=5,
-            num_chains=2,
-            disable_progbar=True,
-        ).run(X, y)
     with pytest.raises(ModelError, match="batching='iid'"):
         MCMC(
             SGHMCKernel(model, subsample_size=20, batching="epoch"),
@@ -140,16 +132,22 @@ def test_vectorised_errors(linreg):
         ).run(X, y)
 
 
-@pytest.mark.parametrize("subsample_size", [None, 20])
-def test_vectorised_chains_equal_the_same_chains_run_one_by_one(linreg, subsample_size):
+@pytest.mark.parametrize(
+    "kernel_class, subsample_size",
+    [(SGHMCKernel, None), (SGHMCKernel, 20), (SGNHTKernel, 20)],
+)
+def test_vectorised_chains_equal_the_same_chains_run_one_by_one(
+    linreg, kernel_class, subsample_size
+):
     """chain_rng='per_chain': chain c of the batch is the run of that chain alone with
-    rng_seed + c, from the same initial point (no warm-up adaptation, which pools)."""
+    rng_seed + c, from the same initial point (no warm-up adaptation, which pools).
+    SGNHT: each chain has its own thermostat."""
     X, y, _, _ = linreg
     chains, seed = 3, 1234
     init = {"w": torch.randn(chains, DIM, generator=torch.Generator().manual_seed(0))}
 
     def kernel(rng_seed):
-        return SGHMCKernel(model, subsample_size=subsample_size, step_size=0.05, rng_seed=rng_seed)
+        return kernel_class(model, subsample_size=subsample_size, step_size=0.05, rng_seed=rng_seed)
 
     vec = MCMC(
         kernel(seed),

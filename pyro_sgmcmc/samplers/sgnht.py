@@ -22,7 +22,10 @@ injected diffusion and :math:`\kappa` the
 thermostat rate (an inverse thermostat mass; any :math:`\kappa > 0` leaves the
 target invariant). :math:`\xi` is capped at :math:`\sigma^2/\epsilon`, where the
 momentum decay reaches 1: a far start can otherwise push it past, and the momenta
-then oscillate and blow up. The thermostat is shared by all sites of a chain. At
+then oscillate and blow up. The thermostat is shared by all sites of a chain; for
+many chains as one batch (parameters with leading chain dimensions), ``init(...,
+batch_shape=(C,))`` gives each chain its own thermostat, and the mean in
+:math:`T_{\mathrm{kin}}` runs over that chain's coordinates only. At
 :math:`T = 0`, SGNHT is SGD with momentum whose friction grows with the kinetic
 energy.
 """
@@ -45,7 +48,7 @@ from pyro_sgmcmc.samplers._common import (
 
 
 class SGNHTState(NamedTuple):
-    """Parameters, momenta and the thermostat (a scalar tensor)."""
+    """Parameters, momenta and the thermostat (one per chain: shape ``batch_shape``)."""
 
     params: dict[str, Tensor]
     momenta: dict[str, Tensor]
@@ -53,12 +56,32 @@ class SGNHTState(NamedTuple):
 
 
 def init(
-    params: dict[str, Tensor], alpha: float = 1.0, momenta: dict[str, Tensor] | None = None
+    params: dict[str, Tensor],
+    alpha: float = 1.0,
+    momenta: dict[str, Tensor] | None = None,
+    batch_shape: tuple[int, ...] = (),
 ) -> SGNHTState:
-    """Start at ``params`` with zero momenta and the thermostat at ``alpha``."""
+    """Start at ``params`` with zero momenta and the thermostat at ``alpha``.
+
+    ``batch_shape`` are the leading dimensions of every parameter that index
+    independent chains (e.g. ``(C,)``): each chain gets its own thermostat.
+
+    Examples:
+        >>> import torch
+        >>> from pyro_sgmcmc.samplers import sgnht
+        >>> sgnht.init({"x": torch.zeros(8, 3)}, alpha=2.0, batch_shape=(8,)).xi.shape
+        torch.Size([8])
+    """
     params, momenta = params_and_momenta(params, momenta)
     first = next(iter(params.values()))
-    xi = torch.tensor(float(alpha), dtype=first.dtype, device=first.device)
+    batch_shape = tuple(batch_shape)
+    for name, value in params.items():
+        if tuple(value.shape[: len(batch_shape)]) != batch_shape:
+            raise ValueError(
+                f"params[{name!r}] has shape {tuple(value.shape)}, which does not start with "
+                f"batch_shape={batch_shape}"
+            )
+    xi = torch.full(batch_shape, float(alpha), dtype=first.dtype, device=first.device)
     return SGNHTState(params, momenta, xi)
 
 
@@ -106,9 +129,11 @@ def step(
     lr = step_size / sigma**2
     params, momenta = {}, {}
     kinetic, count = 0.0, 0
+    batch = state.xi.dim()  # leading chain dimensions, each chain its own thermostat
     for name, theta in state.params.items():
         d = inv_mass_of(inv_mass, name)
-        m = (1.0 - lr * state.xi.to(theta.dtype)) * state.momenta[name] - grad[name]
+        xi = state.xi.to(theta.dtype).reshape((*state.xi.shape, *([1] * (theta.dim() - batch))))
+        m = (1.0 - lr * xi) * state.momenta[name] - grad[name]
         if tau > 0:
             var = tau * torch.clamp(
                 torch.as_tensor(2.0 * alpha - beta_of(beta, name), dtype=m.dtype), min=0.0
@@ -116,8 +141,9 @@ def step(
             m = m + (var / d).sqrt() * normal_like(m, generator)
         momenta[name] = m
         params[name] = theta + lr * d * m
-        kinetic = kinetic + (lr * d * m.square()).sum().to(state.xi.dtype)
-        count += m.numel()
+        energy = (lr * d * m.square()).reshape((*state.xi.shape, -1))
+        kinetic = kinetic + energy.sum(-1).to(state.xi.dtype)
+        count += energy.shape[-1]
     # The Euler scheme's stationary kinetic energy is 2 tau / (2 - eps xi / sigma^2), not
     # tau: pinning the uncorrected one would leave every variance O(eps xi / 2) too small.
     corrected = num_data * kinetic / count * (1.0 - 0.5 * lr * state.xi)
