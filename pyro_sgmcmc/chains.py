@@ -10,13 +10,21 @@ At ``temperature=0`` each chain is an independent optimiser run: a deep ensemble
 ``temperature > 0`` the last draws of many short chains are the seed paper's
 "parallel SGMCMC" (keep only them with ``keep="last"``).
 
-``chain_method="sequential"`` runs the chains one after another in this process;
-``"parallel"`` is Pyro's own behaviour (processes when the cores allow).
+``chain_method="distributed"`` spreads the chains over the processes of a ``torchrun``
+launch, on one host or many, as one run (:mod:`pyro_sgmcmc.distributed`);
+``"sequential"`` runs the chains one after another in this process; ``"parallel"`` is
+Pyro's own behaviour (processes when the cores allow).
+
+Long runs can save their state every ``checkpoint_every`` steps and resume exactly
+(``checkpoint=PATH``), and stream their draws to disk instead of memory
+(``stream_to=DIR``, :mod:`pyro_sgmcmc.store`).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pyro
@@ -25,9 +33,13 @@ import torch
 from pyro.infer.mcmc.api import _UnarySampler
 from tqdm.auto import tqdm
 
+from pyro_sgmcmc.distributed import ChainGroup
 from pyro_sgmcmc.kernels import SGMCMCKernel
+from pyro_sgmcmc.store import DiskSink, MemorySink, load_draws
 
 __all__ = ["MCMC"]
+
+_CHAIN_METHODS = ("vectorized", "distributed", "sequential", "parallel")
 
 
 class MCMC(pyro.infer.MCMC):
@@ -39,7 +51,9 @@ class MCMC(pyro.infer.MCMC):
         warmup_steps: warm-up steps (default ``num_samples``, as Pyro).
         initial_params: unconstrained initial values with a leading chain dimension.
         num_chains: number of chains ``C``.
-        chain_method: ``"vectorized"``, ``"sequential"`` or ``"parallel"`` (Pyro's).
+        chain_method: ``"vectorized"``, ``"distributed"`` (vectorised blocks of chains in
+            the processes of a ``torchrun`` launch: :mod:`pyro_sgmcmc.distributed`),
+            ``"sequential"`` or ``"parallel"`` (Pyro's).
         keep: ``"all"`` draws, or only the ``"last"`` draw of each chain (memory
             ``C x params`` however long the run; ``num_samples`` then counts steps).
         checkpoint: a file path: the run (kernel state, generator states, draws so far)
@@ -47,6 +61,12 @@ class MCMC(pyro.infer.MCMC):
             file resumes from it, producing exactly the draws of an uninterrupted run.
             Build the kernel and ``MCMC`` with the same arguments to resume.
         checkpoint_every: steps between checkpoints.
+        stream_to: a directory: draws are written there (one ``.npy`` per site, see
+            :mod:`pyro_sgmcmc.store`) instead of held in memory, and ``get_samples``
+            returns them memory-mapped. For models whose draws do not fit in memory.
+        stream_every: draws buffered in memory between writes.
+        gather: in a distributed run, collect every process's draws on rank 0 (the
+            other ranks keep their own block: :attr:`chains` says which).
         chain_rng: ``"batched"`` (one generator for all chains, fastest) or
             ``"per_chain"``: chain ``c`` draws its noise and minibatches from its own
             generator seeded ``kernel.rng_seed + c``, so it reproduces the run of that
@@ -86,6 +106,9 @@ class MCMC(pyro.infer.MCMC):
         chain_rng: str = "batched",
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 100,
+        stream_to: str | os.PathLike | None = None,
+        stream_every: int = 100,
+        gather: bool = True,
         hook_fn=None,
         mp_context=None,
         disable_progbar: bool = False,
@@ -93,29 +116,32 @@ class MCMC(pyro.infer.MCMC):
         transforms: dict | None = None,
         save_params: list[str] | None = None,
     ) -> None:
-        if chain_method not in ("vectorized", "sequential", "parallel"):
-            raise ValueError(
-                f"chain_method must be 'vectorized', 'sequential' or 'parallel', got "
-                f"{chain_method!r}"
-            )
+        if chain_method not in _CHAIN_METHODS:
+            raise ValueError(f"chain_method must be one of {_CHAIN_METHODS}, got {chain_method!r}")
         if chain_rng not in ("batched", "per_chain"):
             raise ValueError(f"chain_rng must be 'batched' or 'per_chain', got {chain_rng!r}")
         if keep not in ("all", "last"):
             raise ValueError(f"keep must be 'all' or 'last', got {keep!r}")
-        if chain_method == "vectorized" and not isinstance(kernel, SGMCMCKernel):
+        vectorized = chain_method in ("vectorized", "distributed")
+        if vectorized and not isinstance(kernel, SGMCMCKernel):
             raise ValueError(
-                "chain_method='vectorized' needs an SGMCMC kernel (SGHMCKernel, ...); use "
+                f"chain_method={chain_method!r} needs an SGMCMC kernel (SGHMCKernel, ...); use "
                 "chain_method='parallel' or 'sequential' for NUTS and other Pyro kernels"
             )
-        if keep == "last" and chain_method != "vectorized":
-            raise ValueError("keep='last' is available with chain_method='vectorized'")
-        if checkpoint is not None and chain_method != "vectorized":
-            raise ValueError("checkpoint is available with chain_method='vectorized'")
+        for name, value in (("keep='last'", keep == "last"), ("checkpoint", checkpoint),
+                            ("stream_to", stream_to)):  # fmt: skip
+            if value and not vectorized:
+                raise ValueError(
+                    f"{name} is available with chain_method='vectorized' or 'distributed'"
+                )
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        if stream_every < 1:
+            raise ValueError(f"stream_every must be >= 1, got {stream_every}")
         self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
+        self.stream_to, self.stream_every, self.gather = stream_to, stream_every, gather
         self.chain_method, self.keep, self.chain_rng = chain_method, keep, chain_rng
-        vectorized = chain_method == "vectorized"
+        self.group: ChainGroup | None = None
         super().__init__(
             kernel,
             num_samples,
@@ -147,39 +173,68 @@ class MCMC(pyro.infer.MCMC):
 
     def run(self, *args, **kwargs) -> None:
         """Run the chains; as ``pyro.infer.MCMC.run``."""
-        if self.chain_method != "vectorized":
+        if self.chain_method not in ("vectorized", "distributed"):
             super().run(*args, **kwargs)
             return
         with pyro.poutine.block(), pyro.validation_enabled(not self.disable_validation):
             self._run_vectorized(*args, **kwargs)
 
+    def _setup_kernel(self, args, kwargs, resume) -> None:
+        """Set the kernel up for this process's chains (all of them, or a block)."""
+        kernel, group = self.kernel, self.group
+        initial = self._vector_initial_params
+        if resume is not None:
+            initial = None  # the checkpoint's, this process's block already
+            kernel.initial_params = resume["initial_params"]
+        if group is None:
+            kernel.num_chains = self.num_chains
+            if initial is not None:
+                kernel.initial_params = initial
+            kernel.setup(self.warmup_steps, *args, **kwargs)
+            return
+        kernel.num_chains, kernel.chain_group = group.count, group
+        block = slice(group.offset, group.offset + group.count)
+        if initial is not None:
+            kernel.initial_params = {k: torch.as_tensor(v)[block] for k, v in initial.items()}
+            kernel.setup(self.warmup_steps, *args, **kwargs)
+            return
+        # Initial points from a stream that differs per process but not per call.
+        seed = group.broadcast_object(int(torch.randint(0, 2**62, ()).item()))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + group.rank)
+            kernel.setup(self.warmup_steps, *args, **kwargs)
+
     def _run_vectorized(self, *args, **kwargs) -> None:
         self._args, self._kwargs = args, kwargs
         args = [a.detach() if torch.is_tensor(a) else a for a in args]
-        kernel, chains = self.kernel, self.num_chains
-        kernel.num_chains = chains
+        kernel = self.kernel
+        self.group = None
+        if self.chain_method == "distributed":
+            device = _device_of(args, kwargs)
+            self.group = ChainGroup(self.num_chains, device)
+        chains = self.num_chains if self.group is None else self.group.count
         kernel.per_chain_rng = self.chain_rng == "per_chain"
-        if self._vector_initial_params is not None:
-            kernel.initial_params = self._vector_initial_params
         resume = self._load_checkpoint()
-        if resume is not None:
-            kernel.initial_params = resume["initial_params"]
         try:
-            kernel.setup(self.warmup_steps, *args, **kwargs)
+            self._setup_kernel(args, kwargs, resume)
             initial_params = kernel.initial_params
             params = initial_params
+            if self.transforms is None:
+                self.transforms = kernel.transforms or {}
             names = self._save_params or sorted(params)
-            kept: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+            sink = self._make_sink(chains)
             start = 0
             if resume is not None:
                 kernel.load_state_dict(resume["kernel"])
-                kept, start = resume["kept"], resume["step"]
+                sink.load_state_dict(resume["sink"])
+                start = resume["step"]
                 params = dict(kernel._state.params)
             total = self.warmup_steps + self.num_samples
+            disable = self._disable_progbar or (self.group is not None and not self.group.is_main)
             with tqdm(
                 total=total,
                 initial=start,
-                disable=self._disable_progbar,
+                disable=disable,
                 desc="Warmup" if start <= self.warmup_steps else "Sample",
             ) as bar:
                 for i in range(start, total):
@@ -189,25 +244,20 @@ class MCMC(pyro.infer.MCMC):
                         stage = "Warmup" if warm else "Sample"
                         self._hook(kernel, params, stage, i if warm else i - self.warmup_steps)
                     if not warm and (self.keep == "all" or i == total - 1):
-                        for n in names:
-                            kept[n].append(params[n].detach().clone())
+                        sink.append({n: self._constrain(n, params[n]) for n in names})
                     if i == self.warmup_steps:
                         bar.set_description("Sample", refresh=False)
                     if i % 50 == 0 or i == total - 1:
                         bar.set_postfix(kernel.logging(), refresh=False)
                     bar.update()
                     if self.checkpoint is not None and (i + 1) % self.checkpoint_every == 0:
-                        self._save_checkpoint(kernel, kept, i + 1, initial_params)
+                        self._save_checkpoint(kernel, sink, i + 1, initial_params)
+            sink.close()
             diagnostics = kernel.diagnostics()
         finally:
-            kernel.num_chains, kernel.per_chain_rng = None, False
+            kernel.num_chains, kernel.per_chain_rng, kernel.chain_group = None, False, None
             kernel.cleanup()
-        samples = {n: torch.stack(v, dim=1) for n, v in kept.items()}  # (C, S, ...)
-        if self.transforms is None:
-            self.transforms = kernel.transforms or {}
-        self._samples = {
-            n: self.transforms[n].inv(z) if n in self.transforms else z for n, z in samples.items()
-        }
+        self._samples = sink.result()
         last = self.num_samples - 1
         self._diagnostics = [_chain_diagnostics(diagnostics, c) for c in range(chains)]
         if self.keep == "last":
@@ -215,6 +265,62 @@ class MCMC(pyro.infer.MCMC):
             self.num_samples = 1
             for d in self._diagnostics:
                 d["divergences"] = [0] if last in d.get("divergences", []) else []
+        if self.group is not None and self.gather:
+            self._gather()
+
+    def _constrain(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        transform = self.transforms.get(name)
+        return value if transform is None else transform.inv(value)
+
+    def _make_sink(self, chains: int) -> MemorySink | DiskSink:
+        if self.stream_to is None:
+            return MemorySink()
+        directory = Path(self.stream_to)
+        if self.group is not None:
+            directory = directory / f"rank-{self.group.rank:05d}"
+        draws = 1 if self.keep == "last" else self.num_samples
+        return DiskSink(directory, chains, draws, flush_every=self.stream_every)
+
+    def _gather(self) -> None:
+        """Rank 0 receives every rank's draws and diagnostics; the others keep theirs."""
+        group = self.group
+        samples = None if self.stream_to is not None else self._samples
+        parts = group.gather_objects((samples, self._diagnostics))
+        if not group.is_main:
+            return
+        if self.stream_to is not None:
+            self._samples = load_draws(self.stream_to)
+        else:
+            self._samples = {n: torch.cat([p[0][n] for p in parts], dim=0) for n in self._samples}
+        self._diagnostics = [d for p in parts for d in p[1]]
+
+    def diagnostics(self):
+        """As ``pyro.infer.MCMC.diagnostics``, over the chains this process holds."""
+        with self._held_chains():
+            return super().diagnostics()
+
+    def summary(self, prob: float = 0.9) -> None:
+        """As ``pyro.infer.MCMC.summary``, over the chains this process holds."""
+        with self._held_chains():
+            super().summary(prob)
+
+    @contextmanager
+    def _held_chains(self):
+        # A distributed rank (other than a gathering rank 0) holds a block of the chains.
+        total = self.num_chains
+        self.num_chains = len(self._diagnostics)
+        try:
+            yield
+        finally:
+            self.num_chains = total
+
+    @property
+    def chains(self) -> range:
+        """The global indices of the chains whose draws this process holds."""
+        group = getattr(self, "group", None)
+        if group is None or (self.gather and group.is_main):
+            return range(self.num_chains)
+        return range(group.offset, group.offset + group.count)
 
     def _checkpoint_config(self) -> dict[str, Any]:
         return {
@@ -223,33 +329,52 @@ class MCMC(pyro.infer.MCMC):
             "warmup_steps": self.warmup_steps,
             "keep": self.keep,
             "chain_rng": self.chain_rng,
+            "stream_to": None if self.stream_to is None else str(self.stream_to),
+            "processes": 1 if self.group is None else self.group.world_size,
         }
 
+    def _checkpoint_path(self) -> str | None:
+        """One file per process in a distributed run."""
+        if self.checkpoint is None or self.group is None:
+            return self.checkpoint
+        return f"{self.checkpoint}.rank-{self.group.rank:05d}"
+
     def _load_checkpoint(self) -> dict[str, Any] | None:
-        if self.checkpoint is None or not os.path.exists(self.checkpoint):
+        path = self._checkpoint_path()
+        if path is None or not os.path.exists(path):
             return None
-        saved = torch.load(self.checkpoint, weights_only=False)
+        saved = torch.load(path, weights_only=False)
         if saved["config"] != self._checkpoint_config():
             raise ValueError(
-                f"checkpoint {self.checkpoint} was written by a run with {saved['config']}, "
+                f"checkpoint {path} was written by a run with {saved['config']}, "
                 f"not {self._checkpoint_config()}: delete it or match the settings"
             )
         return saved
 
-    def _save_checkpoint(self, kernel, kept, step: int, initial_params) -> None:
-        """Write atomically: a run killed while writing keeps the previous checkpoint."""
-        tmp = f"{self.checkpoint}.tmp"
+    def _save_checkpoint(self, kernel, sink, step: int, initial_params) -> None:
+        """Write atomically: a run killed while writing keeps the previous checkpoint.
+        Streamed draws are flushed first, so the checkpoint never counts unwritten ones."""
+        path = self._checkpoint_path()
+        tmp = f"{path}.tmp"
         torch.save(
             {
                 "config": self._checkpoint_config(),
                 "step": step,
-                "kept": kept,
+                "sink": sink.state_dict(),
                 "kernel": kernel.state_dict(),
                 "initial_params": initial_params,
             },
             tmp,
         )
-        os.replace(tmp, self.checkpoint)
+        os.replace(tmp, path)
+
+
+def _device_of(args, kwargs) -> torch.device:
+    """The device of the model's first tensor argument (CPU if it has none)."""
+    for value in (*args, *kwargs.values()):
+        if torch.is_tensor(value):
+            return value.device
+    return torch.device("cpu")
 
 
 def _chain_diagnostics(diagnostics: dict[str, Any], chain: int) -> dict[str, Any]:

@@ -74,6 +74,8 @@ _MAX_CV_TABLE = 2e7
 _MAX_MASS_GROWTH = 4.0
 #: Largest inverse mass relative to the inverse empirical Fisher at the window's centre.
 _MAX_FISHER_RATIO = 4.0
+# Distributed runs with one batched generator per process: rank r's seed is seed + r * this.
+_RANK_SEED_STRIDE = 1_000_003
 
 
 def _expand_mask(mask: Tensor, like: Tensor) -> Tensor:
@@ -233,8 +235,10 @@ class SGMCMCKernel(MCMCKernel):
         self._initial_params: dict[str, Tensor] | None = None
         self.rng_seed = rng_seed
         #: Set by :class:`pyro_sgmcmc.MCMC` for vectorised chains: the leading chain dim,
-        #: and whether each chain draws from its own generator (seeded rng_seed + c).
+        #: whether each chain draws from its own generator (seeded rng_seed + c), and for
+        #: a torch.distributed run this process's block of chains (a ChainGroup).
         self.num_chains: int | None = None
+        self.chain_group = None
         self.per_chain_rng = False
         self.potential: PyroPotential | _FunctionPotential | None = None
         self._log: dict[str, str] = {}
@@ -252,7 +256,13 @@ class SGMCMCKernel(MCMCKernel):
         seed = self.rng_seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        self._generator = torch.Generator().manual_seed(seed)
+        group, offset = self.chain_group, 0
+        if group is not None:
+            # One run over all processes: rank 0's seed, chain c's generator seeded
+            # seed + c wherever it runs, and a different batched stream per process.
+            seed, offset = group.broadcast_object(seed), group.offset
+        batched_seed = seed if group is None else seed + _RANK_SEED_STRIDE * group.rank
+        self._generator = torch.Generator().manual_seed(batched_seed)
         if self.model is not None:
             self.potential = PyroPotential(
                 self.model,
@@ -282,14 +292,14 @@ class SGMCMCKernel(MCMCKernel):
             if self.per_chain_rng:
                 device = next(iter(params.values())).device
                 self._chain_generators = [
-                    torch.Generator(device=device).manual_seed(seed + c)
+                    torch.Generator(device=device).manual_seed(seed + offset + c)
                     for c in range(self.num_chains)
                 ]
         device = next(iter(params.values())).device
         if device.type != "cpu":
-            self._generator = torch.Generator(device=device).manual_seed(seed)
+            self._generator = torch.Generator(device=device).manual_seed(batched_seed)
             if isinstance(self.potential, PyroPotential) and self.potential.indices is not None:
-                self.potential.indices.generator = torch.Generator().manual_seed(seed + 1)
+                self.potential.indices.generator = torch.Generator().manual_seed(batched_seed + 1)
         self._warmup_steps = warmup_steps
         self._t = 0  # sampler steps taken
         self._calls = 0  # sample() calls
@@ -578,10 +588,10 @@ class SGMCMCKernel(MCMCKernel):
                 idx0 = idx[0] if idx is not None and idx.dim() == 2 else idx
             grads = self.potential.per_example_grads(params, idx0)
             if fisher:
-                self._fisher_scale = _inverse_fisher(grads)
+                self._fisher_scale = self._from_first_chain(_inverse_fisher(grads))
                 self._set_inv_mass(self._fisher_scale)
             if noise:
-                self._noise.append(self._gradient_noise(idx0, grads))
+                self._noise.append(self._from_first_chain(self._gradient_noise(idx0, grads)))
             if self._noise and (fisher or len(self._noise) % 5 == 0 or len(self._noise) == 2):
                 self._update_beta()
         if t < self._window_start or not self._windows:
@@ -595,8 +605,8 @@ class SGMCMCKernel(MCMCKernel):
         self._window_start = t + 1
         window_mean, window_var = self._welford.mean, self._welford.variance()
         if self.num_chains is not None:
-            window_mean = {k: v.mean(0) for k, v in window_mean.items()}
-            window_var = {k: v.mean(0) for k, v in window_var.items()}
+            window_mean = self._chain_mean(window_mean)
+            window_var = self._chain_mean(window_var)
         if self._cv_enabled:
             self._set_cv_centre(window_mean)
         if self.adapt_mass_matrix:
@@ -629,6 +639,18 @@ class SGMCMCKernel(MCMCKernel):
         self._welford = WelfordVariance()
         if self._noise:
             self._update_beta()
+
+    def _chain_mean(self, per_chain: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Mean over all chains, those of other processes too in a distributed run."""
+        if self.chain_group is None:
+            return {k: v.mean(0) for k, v in per_chain.items()}
+        return self.chain_group.chain_mean(per_chain)
+
+    def _from_first_chain(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Estimates made on chain 0: in a distributed run, global chain 0's (rank 0's)."""
+        if self.chain_group is None or self.num_chains is None:
+            return values
+        return self.chain_group.broadcast(values)
 
     def _gradient_noise(self, idx, grads=None) -> dict[str, Tensor]:
         """Batch variance of the estimator's per-example terms, in raw coordinates (so

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import arviz as az
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -12,6 +13,7 @@ import torch
 from pyro.infer import NUTS
 
 from pyro_sgmcmc import MCMC, ModelError, SGHMCKernel, SGLDKernel, SGNHTKernel
+from pyro_sgmcmc.store import load_draws
 
 N, DIM = 400, 2
 
@@ -179,7 +181,7 @@ import os, signal, sys
 import pyro, pyro.distributions as dist, torch
 from pyro_sgmcmc import MCMC, SGHMCKernel
 
-checkpoint, die_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+checkpoint, die_at, out, stream = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 g = torch.Generator().manual_seed(0)
 X = torch.randn(300, 2, generator=g)
 y = X @ torch.tensor([1.0, -0.5]) + torch.randn(300, generator=g)
@@ -196,13 +198,17 @@ def hook(kernel, params, stage, i):
 pyro.set_rng_seed(0)
 mcmc = MCMC(SGHMCKernel(model, subsample_size=20), num_samples=60, warmup_steps=100,
             num_chains=3, checkpoint=None if checkpoint == "-" else checkpoint,
-            checkpoint_every=7, hook_fn=hook, disable_progbar=True)
+            checkpoint_every=7, hook_fn=hook, disable_progbar=True,
+            stream_to=None if stream == "-" else stream, stream_every=4)
 mcmc.run(X, y)
-torch.save(mcmc.get_samples(group_by_chain=True)["w"], out)
+torch.save(mcmc.get_samples(group_by_chain=True)["w"].clone(), out)
 """
 
 
-def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, streamed):
+    """Killed mid-sampling, the run resumes from its checkpoint to exactly the draws of
+    an uninterrupted run; streamed to disk, the files end up with exactly those draws."""
     import subprocess
     import sys
 
@@ -210,8 +216,9 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     script.write_text(_CHECKPOINT_SCRIPT)
 
     def run(checkpoint, die_at, out):
+        stream = str(tmp_path / f"draws-{checkpoint != '-'}") if streamed else "-"
         return subprocess.run(
-            [sys.executable, str(script), checkpoint, str(die_at), str(out)],
+            [sys.executable, str(script), checkpoint, str(die_at), str(out), stream],
             capture_output=True,
             text=True,
             timeout=300,
@@ -228,6 +235,8 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     expected = torch.load(tmp_path / "reference.pt")
     assert torch.equal(torch.load(tmp_path / "resumed.pt"), expected)
     assert expected.shape == (3, 60, 2)
+    if streamed:
+        assert torch.equal(load_draws(tmp_path / "draws-True")["w"], expected)
 
 
 def test_checkpoint_from_other_settings_is_refused(tmp_path, linreg):
@@ -251,3 +260,32 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path, linreg):
             checkpoint=path,
             disable_progbar=True,
         ).run(X, y)
+
+
+def test_streamed_draws_equal_the_draws_held_in_memory(tmp_path, linreg):
+    """stream_to writes the same draws (constrained) to .npy files, readable mid-run."""
+    X, y, _, _ = linreg
+    seen = []
+
+    def hook(kernel, params, stage, i):
+        if stage == "Sample" and i == 25:  # 26 draws kept, 20 of them flushed
+            seen.append(load_draws(tmp_path)["w"].shape)
+
+    runs = {}
+    for stream in (None, tmp_path):
+        pyro.set_rng_seed(3)
+        mcmc = MCMC(
+            SGHMCKernel(model, subsample_size=20, rng_seed=5),
+            num_samples=40,
+            warmup_steps=30,
+            num_chains=4,
+            stream_to=stream,
+            stream_every=10,
+            hook_fn=hook if stream else None,
+            disable_progbar=True,
+        )
+        mcmc.run(X, y)
+        runs[stream is None] = mcmc.get_samples(group_by_chain=True)["w"]
+    assert torch.equal(runs[True], runs[False])
+    assert seen == [(4, 20, DIM)]
+    assert np.load(tmp_path / "w.npy").shape == (4, 40, DIM)
