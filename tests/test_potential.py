@@ -438,6 +438,9 @@ def test_all_per_example_grads_cover_all_rows_in_order(cdata, chunk_size):
     want = per_datum_grad_loop(y, c, PHI_C, torch.arange(NC))
     assert got["p"].shape == (NC, K - 1) and got["mu"].shape == (NC,)
     assert all(close(got[k], want[k], 1e-10) for k in want)
+    # The vmapped path (not its batched-backward fallback) handles this model.
+    vmapped = pot._vmapped_per_example_grads(PHI_C, torch.arange(NC))
+    assert all(close(vmapped[k], want[k], 1e-10) for k in want)
 
 
 # ======================================================================================
