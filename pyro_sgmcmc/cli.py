@@ -28,6 +28,7 @@ import torch
 
 from pyro_sgmcmc import experiments as ex
 from pyro_sgmcmc.datasets import load_pima
+from pyro_sgmcmc.diagnostics import plots
 
 
 @dataclass
@@ -163,7 +164,9 @@ def cmd_pima(args: argparse.Namespace) -> int:
         os.path.join(out, "pima_marginals.png"),
         title="Pima logistic regression: posterior marginals, each method vs Pyro NUTS",
     )
-    print(f"\nwrote {', '.join([*paths, fig])}")
+    trace = os.path.join(out, "pima_trace.png")
+    plots.close(plots.plot_trace({"w": sghmc.draws[None]}, path=trace))
+    print(f"\nwrote {', '.join([*paths, fig, trace])} (trace: {sghmc.name})")
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0
 

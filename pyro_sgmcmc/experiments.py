@@ -39,6 +39,7 @@ from torch import Tensor
 
 from pyro_sgmcmc.chains import MCMC
 from pyro_sgmcmc.datasets import Dataset, logistic_regression_model
+from pyro_sgmcmc.diagnostics import plots
 from pyro_sgmcmc.diagnostics.ksd import ksd, potential_score
 from pyro_sgmcmc.kernels import BAOAKernel, SGHMCKernel, SGLDKernel, SGNHTKernel
 from pyro_sgmcmc.potential import PyroPotential
@@ -333,54 +334,16 @@ def format_table(rows: Sequence[TableRow]) -> str:
     return "\n".join(lines)
 
 
-def _kde(x: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Gaussian kernel density estimate with Scott's bandwidth."""
-    n = x.shape[0]
-    h = 1.06 * max(float(x.std()), 1e-12) * n ** (-1 / 5)
-    z = (grid[:, None] - x[None, :]) / h
-    return np.exp(-0.5 * z * z).sum(1) / (n * h * math.sqrt(2 * math.pi))
-
-
 def plot_marginals(
     runs: Sequence[MethodRun], names: Sequence[str], path: str, title: str | None = None
 ) -> str:
     """One panel per coefficient: each method's marginal density against ``runs[0]``'s
     (the seed paper's Figure 11). Writes ``path`` (PNG) and returns it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dim = len(names)
-    cols = min(4, dim)
-    rows = math.ceil(dim / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows + 0.9), squeeze=False)
-    ref = runs[0].draws.double().numpy()
-    colors = plt.get_cmap("tab10").colors
-    for j, ax in enumerate(axes.flat):
-        if j >= dim:
-            ax.set_visible(False)
-            continue
-        mu, sd = ref[:, j].mean(), ref[:, j].std()
-        grid = np.linspace(mu - 4.5 * sd, mu + 4.5 * sd, 200)
-        for k, run in enumerate(runs[1:]):
-            ax.plot(
-                grid,
-                _kde(run.draws[:, j].double().numpy(), grid),
-                color=colors[k % len(colors)],
-                lw=1.2,
-                label=run.name,
-            )
-        ax.plot(grid, _kde(ref[:, j], grid), color="black", lw=2.2, ls="--", label=runs[0].name)
-        ax.set_title(names[j])
-        ax.set_yticks([])
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.08 if rows > 1 else 0.16, 1, 1))
+    fig = plots.plot_marginals(
+        {run.name: run.draws for run in runs}, reference=runs[0].name, names=names, title=title
+    )
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.close(fig)
     return path
 
 

@@ -572,3 +572,35 @@ def test_report_many_chains_superchains_and_coordinates():
     want = ksd(flat, {k: -v for k, v in flat.items()}, kernel="rbf", bandwidth="median")
     assert math.isclose(rep2.ksd, float(want), rel_tol=1e-12)
     assert rep2.num_superchains == 16  # default: each chain its own superchain
+
+
+# ------------------------------------------------------------------------------ plots
+def test_trace_plot_draws_each_chain_of_each_coordinate(tmp_path):
+    from pyro_sgmcmc.diagnostics import plots
+
+    draws = {"w": torch.randn(3, 50, 2), "s": torch.rand(3, 50)}
+    fig = plots.plot_trace(draws, path=tmp_path / "trace.png")
+    assert (tmp_path / "trace.png").stat().st_size > 0
+    assert [ax.get_ylabel() for ax in fig.axes[::2]] == ["s", "w[0]", "w[1]"]
+    assert all(len(ax.lines) == 3 for ax in fig.axes)  # 3 chains: traces and densities
+    np.testing.assert_array_equal(fig.axes[2].lines[1].get_ydata(), draws["w"][1, :, 0].numpy())
+    with pytest.raises(KeyError, match="no site 'z'"):
+        plots.plot_trace(draws, sites=["z"])
+    plots.close(fig)
+
+
+def test_marginals_plot_has_one_panel_per_coordinate_and_the_reference_dashed():
+    from pyro_sgmcmc.diagnostics import plots
+
+    g = torch.Generator().manual_seed(0)
+    runs = {"NUTS": torch.randn(400, 3, generator=g), "SGHMC": torch.randn(400, 3, generator=g)}
+    fig = plots.plot_marginals(runs, reference="NUTS", names=["a", "b", "c"])
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == ["a", "b", "c"]
+    assert [line.get_linestyle() for line in visible[0].lines] == ["-", "--"]
+    grid = visible[0].lines[1].get_xdata()
+    density = visible[0].lines[1].get_ydata()
+    assert abs(np.trapezoid(density, grid) - 1) < 0.02  # a density over +-4.5 sd
+    with pytest.raises(ValueError, match="coordinates"):
+        plots.plot_marginals({"a": torch.zeros(5, 2), "b": torch.zeros(5, 3)})
+    plots.close(fig)
