@@ -63,6 +63,7 @@ from torch import Tensor
 
 from pyro_sgmcmc.potential import NonFiniteError, PyroPotential
 from pyro_sgmcmc.samplers import baoa, sghmc, sgld, sgnht
+from pyro_sgmcmc.samplers._common import AntitheticPairs
 from pyro_sgmcmc.samplers.adaptation import WelfordVariance, adaptation_windows
 from pyro_sgmcmc.samplers.schedules import Schedule, as_schedule
 
@@ -240,6 +241,8 @@ class SGMCMCKernel(MCMCKernel):
         self.num_chains: int | None = None
         self.chain_group = None
         self.per_chain_rng = False
+        #: Set by pyro_sgmcmc.MCMC(chain_coupling="antithetic"): chains 2k, 2k + 1 pair up.
+        self.antithetic = False
         self.potential: PyroPotential | _FunctionPotential | None = None
         self._log: dict[str, str] = {}
 
@@ -279,6 +282,12 @@ class SGMCMCKernel(MCMCKernel):
             self.transforms = self.potential.transforms
             if self._initial_params is None:
                 self._initial_params = self._draw_initial_params()
+                if self.antithetic and self.num_chains is not None:
+                    # Both chains of a pair start together; their noise then mirrors them.
+                    self._initial_params = {
+                        k: v[0::2].repeat_interleave(2, dim=0)
+                        for k, v in self._initial_params.items()
+                    }
         else:
             if self.num_chains is not None:
                 raise ValueError("vectorised chains need a Pyro model, not a potential_fn")
@@ -493,6 +502,13 @@ class SGMCMCKernel(MCMCKernel):
         if warm and self._warmup_steps >= 20:
             self._adapt(idx)
 
+    def _noise_source(self):
+        if self._chain_generators:
+            return self._chain_generators
+        if self.antithetic and self.num_chains is not None:
+            return AntitheticPairs(self._generator)
+        return self._generator
+
     def _sampler_step(self, grads):
         step_size = self._step_size()
         return self._sampler.step(
@@ -502,13 +518,19 @@ class SGMCMCKernel(MCMCKernel):
             temperature=0.0 if self._optimising else self.temperature,
             num_data=self.potential.num_data,
             inv_mass=self._inv_mass,
-            generator=self._chain_generators or self._generator,
+            generator=self._noise_source(),
             **self._sampler_kwargs(step_size),
         )
 
     def _one_batched_step(self, warm: bool) -> None:
         """One step of all chains: one vmapped gradient; non-finite chains are undone."""
-        idx = self.potential.next_indices(self.num_chains, self._chain_generators)
+        if self.antithetic:
+            # A pair shares its minibatches (and receives opposite injected noise).
+            idx = self.potential.next_indices(self.num_chains // 2)
+            if idx is not None and idx.dim() == 2:
+                idx = idx.repeat_interleave(2, dim=0)
+        else:
+            idx = self.potential.next_indices(self.num_chains, self._chain_generators)
         phi = self._state.params
         u, grads = self.potential.batched_potential_and_grad(phi, idx)
         grads = self._control_variate(grads, idx)

@@ -6,12 +6,41 @@ import torch
 from torch import Tensor
 
 
-def normal_like(x: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+class AntitheticPairs:
+    """A noise source for chains in antithetic pairs: chains ``2k`` and ``2k + 1`` (the
+    leading dimension) receive opposite draws, ``z`` and ``-z``, from ``generator``.
+
+    Each chain's noise is still standard normal, so each chain is a valid sampler; for
+    a near-Gaussian target the pair stays mirrored about the mode (antithetic
+    variates), so averages over the chains have much smaller Monte Carlo error.
+    """
+
+    def __init__(self, generator: torch.Generator | None) -> None:
+        self.generator = generator
+
+    def normal_like(self, x: Tensor) -> Tensor:
+        if x.dim() == 0 or x.shape[0] % 2:
+            raise ValueError(
+                f"antithetic pairs need an even leading chain dimension, got {tuple(x.shape)}"
+            )
+        half = torch.randn(
+            (x.shape[0] // 2, *x.shape[1:]), generator=self.generator, dtype=x.dtype,
+            device=x.device,
+        )  # fmt: skip
+        return torch.stack([half, -half], dim=1).reshape(x.shape)
+
+
+def normal_like(
+    x: Tensor, generator: torch.Generator | list[torch.Generator] | AntitheticPairs | None
+) -> Tensor:
     """Standard normal noise with the shape, dtype and device of ``x``.
 
     A list of generators, one per entry of ``x``'s leading (chain) dimension, gives
     each chain its own stream: exactly the draws that chain would get run alone.
+    :class:`AntitheticPairs` gives pairs of chains opposite draws.
     """
+    if isinstance(generator, AntitheticPairs):
+        return generator.normal_like(x)
     if isinstance(generator, (list, tuple)):
         return torch.stack(
             [
