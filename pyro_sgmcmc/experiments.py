@@ -198,7 +198,13 @@ def _pima_serial(
 
 
 def _pima_parallel(
-    data: Dataset, chains: int, warmup: int, steps: int, batch_size: int, progress: bool
+    data: Dataset,
+    chains: int,
+    warmup: int,
+    steps: int,
+    batch_size: int,
+    progress: bool,
+    coupling: str = "independent",
 ) -> MethodRun:
     kernel = SGHMCKernel(logistic_regression_model, subsample_size=batch_size)
     mcmc = MCMC(
@@ -208,11 +214,13 @@ def _pima_parallel(
         num_chains=chains,
         chain_method="vectorized",
         keep="last",
+        chain_coupling=coupling,
         disable_progbar=not progress,
     )
     _, seconds = _timed(lambda: mcmc.run(data.X, data.y))
+    pairs = ", antithetic pairs" if coupling == "antithetic" else ""
     return MethodRun(
-        f"parallel SGHMC (batch {batch_size}, {chains} chains, last draw)",
+        f"parallel SGHMC (batch {batch_size}, {chains} chains{pairs}, last draw)",
         mcmc.get_samples()["w"],
         seconds,
         warmup + steps,
@@ -261,9 +269,17 @@ def run_pima(
         pyro.set_rng_seed(seed)
         say(f"{name}: {warmup} warm-up + {steps} steps, thinning {thinning}")
         add(_pima_serial(data, name, cls, batch, warmup, steps, thinning, jit, progress))
-    pyro.set_rng_seed(seed)
-    say(f"parallel SGHMC: {chains} chains x ({parallel_warmup} warm-up + {parallel_steps} steps)")
-    add(_pima_parallel(data, chains, parallel_warmup, parallel_steps, batch_size, progress))
+    for coupling in ("independent", "antithetic"):
+        pyro.set_rng_seed(seed)
+        say(
+            f"parallel SGHMC ({coupling}): {chains} chains x ({parallel_warmup} warm-up + "
+            f"{parallel_steps} steps)"
+        )
+        add(
+            _pima_parallel(
+                data, chains, parallel_warmup, parallel_steps, batch_size, progress, coupling
+            )
+        )
     return runs
 
 
