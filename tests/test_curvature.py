@@ -34,6 +34,7 @@ from pyro_sgmcmc.curvature import (
     kfac_factors,
     kfac_to_dense,
     kron_mvp,
+    module_diag_ggn,
     module_fn,
     per_example_grads,
     unflatten,
@@ -344,6 +345,19 @@ def test_kfac_is_exact_for_one_datum(name):
         close(kfac_to_dense(ef[layer]), _layer_block(F_emp, params, layer))
 
 
+def test_kfac_is_unaffected_by_in_place_activations():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to(F64)
+    inplace = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)).to(F64)
+    inplace.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 3, generator=gen(0), dtype=F64)
+    ref = kfac_factors(plain, [x], "categorical", variant="ggn")
+    got = kfac_factors(inplace, [x], "categorical", variant="ggn")
+    for layer in ref:
+        close(got[layer].G, ref[layer].G)
+        close(got[layer].A, ref[layer].A)
+
+
 def test_kfac_mc_converges_to_kfac_ggn():
     net, _, _, x, y, lik, _, _ = problem("categorical", n=1)
     exact = kfac_factors(net, [x], lik, variant="ggn")
@@ -415,3 +429,122 @@ def test_unused_parameters_have_zero_curvature(mode):
     gv = ggnvp(lambda p, x: x @ p["a"], params, torch.ones(3, 2, dtype=F64), v, "normal", mode=mode)
     close(gv["a"], torch.full((2,), 6.0, dtype=F64))
     close(gv["unused"], torch.zeros(2, dtype=F64))
+
+
+# ---------------------------------------------------------------------- module_diag_ggn
+def _deep_mlp(name: str, seed: int = 0) -> nn.Module:
+    """Bias and no-bias Linear layers, an in-place activation; float64."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Linear(3, 4),
+        nn.ReLU(inplace=True),
+        nn.Linear(4, 5, bias=False),
+        nn.Tanh(),
+        nn.Linear(5, NUM_OUT[name]),
+    )
+    with torch.no_grad():
+        net[4].weight.mul_(0.5)
+    return net.to(F64)
+
+
+def _module_problem(name: str, n: int = 11, seed: int = 0):
+    net, lik = _deep_mlp(name, seed), LIKELIHOODS[name]
+    fn, params = module_fn(net), {k: p.detach() for k, p in net.named_parameters()}
+    g = gen(seed + 1)
+    x = torch.randn(n, 3, generator=g, dtype=F64)
+    with torch.no_grad():
+        y = lik.sample(fn(params, x), g)
+    batches = [(x[:4], y[:4]), (x[4:5], y[4:5]), (x[5:], y[5:])]
+    return net, fn, params, x, y, lik, batches
+
+
+@pytest.mark.parametrize("name", list(LIKELIHOODS))
+def test_module_diag_ggn_equals_diag_ggn(name):
+    net, fn, params, x, y, lik, batches = _module_problem(name)
+    ref = diag_ggn(fn, params, x, lik)
+    for max_columns in (None, 1):
+        fast = module_diag_ggn(net, batches, lik, max_columns=max_columns)
+        assert list(fast) == list(params) and "2.bias" not in fast
+        close(flatten(fast), flatten(ref))
+
+
+@pytest.mark.parametrize("name", ["categorical", "poisson"])
+def test_module_diag_ef_and_mc_equal_their_per_example_versions(name):
+    net, fn, params, x, y, lik, batches = _module_problem(name)
+
+    def log_lik(p, x, y):
+        return lik.log_prob(fn(p, x), y)
+
+    def sample_y(p, x, generator):
+        return lik.sample(fn(p, x), generator)
+
+    ef = module_diag_ggn(net, batches, lik, variant="ef")
+    close(flatten(ef), flatten(diag_ef(per_example_grads(log_lik, params, x, y))))
+    # The same generator and batches give the same draws as accumulate_mc_fisher.
+    mc = module_diag_ggn(net, batches, lik, variant="mc", num_samples=3, generator=gen(5))
+    ref = accumulate_mc_fisher(log_lik, sample_y, params, batches, 3, gen(5))
+    close(flatten(mc), flatten(ref))
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_module_diag_ggn_sums_tokens_inside_the_square(pooled):
+    """Token inputs: per-token outputs (T <= R, pair products) or mean-pooled (T > R)."""
+    torch.manual_seed(0)
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):  # (B, T, 3)
+            h = torch.tanh(self.embed(x))
+            return self.head(h.mean(1) if pooled else h)
+
+    net = Tokens().to(F64)
+    fn, params = module_fn(net), {k: p.detach() for k, p in net.named_parameters()}
+    x = torch.randn(5, 4, 3, generator=gen(0), dtype=F64)  # T = 4 tokens, R = 2 or 8
+    fast = module_diag_ggn(net, [x[:2], x[2:]], "categorical")
+    close(flatten(fast), flatten(diag_ggn(fn, params, x, "categorical")))
+
+
+def test_module_diag_ggn_conv2d_and_frozen_layers():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(3, 2, 2, bias=False),
+        nn.Flatten(),
+        nn.LayerNorm(8),
+        nn.Linear(8, 3),
+    ).to(F64)
+    x = torch.randn(4, 2, 6, 6, generator=gen(0), dtype=F64)
+    with pytest.raises(ValueError, match="'4' \\(LayerNorm\\)"):
+        module_diag_ggn(net, [x], "categorical")
+    # a subset of parameters: layers holding none of them may be of any type
+    sub = module_diag_ggn(net, [x], "categorical", parameters=["2.weight", "0.bias"])
+    assert list(sub) == ["0.bias", "2.weight"]
+    full = {k: p.detach() for k, p in net.named_parameters()}
+    ref = diag_ggn(module_fn(net), {k: full[k] for k in sub}, x, "categorical")
+    close(flatten(sub), flatten(ref))
+    with pytest.raises(ValueError, match="not trainable parameters"):
+        module_diag_ggn(net, [x], "categorical", parameters=["nope"])
+    net[4].requires_grad_(False)
+    net[5].bias.requires_grad_(False)
+    fn = module_fn(net)
+    params = {k: p.detach() for k, p in net.named_parameters() if p.requires_grad}
+    fast = module_diag_ggn(net, [x[:1], x[1:]], "categorical")
+    assert list(fast) == ["0.weight", "0.bias", "2.weight", "5.weight"]
+    close(flatten(fast), flatten(diag_ggn(fn, params, x, "categorical")))
+
+
+def test_module_diag_ggn_bad_inputs():
+    net, _, _, x, y, lik, _ = _module_problem("categorical")
+    with pytest.raises(ValueError, match="variant must be"):
+        module_diag_ggn(net, [x], lik, variant="kfra")
+    with pytest.raises(ValueError, match="needs \\(x, y\\) batches"):
+        module_diag_ggn(net, [x], lik, variant="ef")
+    with pytest.raises(ValueError, match="batches is empty"):
+        module_diag_ggn(net, [], lik)
+    shared = nn.Linear(2, 2).to(F64)
+    with pytest.raises(ValueError, match="ran twice"):
+        module_diag_ggn(nn.Sequential(shared, nn.Tanh(), shared), [x[:, :2]], lik)
