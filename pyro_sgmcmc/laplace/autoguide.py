@@ -1,0 +1,643 @@
+r"""Laplace autoguides for Pyro models: a MAP guide for SVI, then a Gaussian guide.
+
+The workflow is Pyro's :class:`~pyro.infer.autoguide.AutoLaplaceApproximation`, made to
+scale with the data:
+
+1. **MAP.** :class:`AutoDiagonalLaplace` and :class:`AutoDenseLaplace` are ordinary
+   ``AutoContinuous`` guides (a point mass on the unconstrained latents, as
+   ``AutoLaplaceApproximation``), fitted by ``SVI(model, guide, optim, Trace_ELBO())``
+   on a model that subsamples its data plate like any Pyro model. The mode is that of
+   the density of the unconstrained latents :math:`\phi` (log-Jacobian included).
+2. **Curvature.** ``guide.laplace_approximation(*args, **kwargs)`` accumulates the
+   likelihood curvature :math:`C` (GGN, Monte Carlo Fisher, empirical Fisher or
+   Hessian; :mod:`pyro_sgmcmc.laplace.pyro_curvature`) over **all** the plate's
+   indices in chunks of ``batch_size`` and adds the prior's precision.
+3. **Gaussian guide.** It returns a :class:`LaplaceGuide` with
+
+   .. math::
+
+       q(\phi) = \mathcal N\big(\phi^*,\ \Lambda^{-1}\big), \qquad
+       \Lambda = \frac{C + \Lambda_0}{T},
+
+   where :math:`\Lambda_0` is the exact Hessian of :math:`-[\log p(\theta) +
+   \log|\partial\theta/\partial\phi|]` at :math:`\phi^*` (the model's own prior;
+   ``prior_precision=None``) or :math:`\delta I` for a :math:`\mathcal N(0,
+   \delta^{-1})` prior on :math:`\phi` that *replaces* it (``prior_precision=δ``, or
+   ``"marglik"`` to choose :math:`\delta` by the Laplace evidence,
+   :func:`~pyro_sgmcmc.laplace.marglik.optimize_prior_precision`). :math:`T` is the
+   temperature of the samplers: the target is :math:`p(\phi \mid y)^{1/T}`, so
+   :math:`T < 1` is a cold posterior and the variances scale with :math:`T`.
+
+The :class:`LaplaceGuide` is a regular ``AutoContinuous`` guide: ``median()`` (the MAP),
+``quantiles([0.05, 0.5, 0.95])``, ``get_posterior()`` (a ``Normal(...).to_event(1)`` or
+a ``MultivariateNormal`` over the flat unconstrained latents) and
+``pyro.infer.Predictive(model, guide=..., num_samples=...)`` report constrained values.
+Its :attr:`~LaplaceGuide.posterior` (a :class:`~pyro_sgmcmc.gaussian.GaussianPosterior`)
+becomes the next episode's prior with :meth:`LaplaceGuide.prior`
+(:mod:`pyro_sgmcmc.continual`).
+
+Examples:
+    Logistic regression with minibatch SVI, then a diagonal GGN Laplace over all data:
+
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> from pyro.infer import SVI, Trace_ELBO
+    >>> X = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    >>> y = torch.bernoulli(torch.sigmoid(X @ torch.tensor([1.0, -1.0])),
+    ...                     generator=torch.Generator().manual_seed(1))
+    >>> def model(X, y, batch=None):
+    ...     w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    ...     with pyro.plate("data", len(X), subsample_size=batch) as idx:
+    ...         pyro.sample("obs", dist.Bernoulli(logits=X[idx] @ w), obs=y[idx])
+    >>> pyro.clear_param_store()
+    >>> guide = AutoDiagonalLaplace(model)
+    >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    >>> for _ in range(300):
+    ...     _ = svi.step(X, y, batch=50)
+    >>> laplace = guide.laplace_approximation(X, y)
+    >>> laplace.quantiles([0.05, 0.5, 0.95])["w"].shape
+    torch.Size([3, 2])
+    >>> bool((laplace.posterior.stddev()["w"] < 0.3).all())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.distributions import constraints
+from pyro.distributions.torch_distribution import TorchDistribution
+from pyro.infer.autoguide import AutoContinuous, AutoLaplaceApproximation
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.poutine.subsample_messenger import _Subsample
+from torch import Tensor
+
+from pyro_sgmcmc.curvature import flatten, unflatten
+from pyro_sgmcmc.gaussian import DenseGaussian, DiagonalGaussian, GaussianPosterior
+from pyro_sgmcmc.laplace.marglik import log_marginal_likelihood, optimize_prior_precision
+from pyro_sgmcmc.laplace.pyro_curvature import (
+    CURVATURES,
+    CurvatureResult,
+    _first_indices,
+    _leaves,
+    _log_prior_terms,
+    likelihood_curvature,
+    log_joint_and_grad,
+    log_prior_hessian,
+)
+from pyro_sgmcmc.potential import ModelError, PyroPotential
+
+__all__ = [
+    "AutoDenseLaplace",
+    "AutoDiagonalLaplace",
+    "AutoLaplace",
+    "GaussianPosteriorDistribution",
+    "LaplaceError",
+    "LaplaceGuide",
+]
+
+_MARGLIK = ("marglik", "marglik_per_site")
+
+
+class LaplaceError(ValueError):
+    """The Laplace approximation cannot be formed; the message says what to change."""
+
+
+class GaussianPosteriorDistribution(TorchDistribution):
+    r"""Any :class:`~pyro_sgmcmc.gaussian.GaussianPosterior` as a Pyro distribution over
+    the flat vector (event shape ``(P,)``), e.g. a K-FAC posterior.
+
+    Draws are :math:`\mu + L^{-\top} z` through the posterior's own factorisation, so no
+    dense :math:`P \times P` matrix is formed.
+
+    Args:
+        posterior: the Gaussian.
+
+    Examples:
+        >>> q = DiagonalGaussian({"w": torch.zeros(2)}, {"w": torch.tensor([4.0, 1.0])})
+        >>> d = GaussianPosteriorDistribution(q)
+        >>> d.sample((5,)).shape, d.variance
+        (torch.Size([5, 2]), tensor([0.2500, 1.0000]))
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, posterior: GaussianPosterior, validate_args: bool | None = None) -> None:
+        self.posterior = posterior
+        self._loc = flatten(posterior.mean)
+        super().__init__(torch.Size(), self._loc.shape, validate_args=validate_args)
+
+    @property
+    def mean(self) -> Tensor:
+        return self._loc
+
+    @property
+    def variance(self) -> Tensor:
+        return flatten(self.posterior.variance())
+
+    def rsample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
+        shape = torch.Size(sample_shape) + self._loc.shape
+        z = torch.randn(shape, dtype=self._loc.dtype, device=self._loc.device)
+        flat = self.posterior._whitened_to_flat(z.reshape(-1, self._loc.numel()))
+        return self._loc + flat.reshape(shape)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        delta = value - self._loc
+        p = self._loc.numel()
+        return 0.5 * (
+            self.posterior.log_det_precision() - self.posterior._mahalanobis(delta)
+        ) - 0.5 * p * math.log(2 * math.pi)
+
+
+class LaplaceGuide(AutoContinuous):
+    r"""A fixed Gaussian guide over the flat unconstrained latents (not trained by SVI).
+
+    Returned by :meth:`AutoLaplace.laplace_approximation`; usable wherever an
+    ``AutoContinuous`` guide is (``median``, ``quantiles``, ``get_posterior``,
+    ``Predictive``). Its loc is a buffer, so it registers no Pyro parameters.
+
+    Args:
+        model: the Pyro model.
+        posterior: the Gaussian over the unconstrained latents (flat dict in model
+            order, each site shaped like its unconstrained value).
+        curvature: the likelihood curvature it was built from (a
+            :class:`~pyro_sgmcmc.laplace.pyro_curvature.CurvatureResult`).
+        prior_precision: the Normal prior precision :math:`\delta` that replaced the
+            model's prior, or ``None`` when the model's own prior Hessian was used.
+        log_marginal_likelihood: the Laplace estimate of :math:`\log p(y)`.
+        temperature: the temperature :math:`T` of :attr:`posterior`.
+
+    Attributes:
+        posterior: the :class:`~pyro_sgmcmc.gaussian.GaussianPosterior`.
+        curvature: as above.
+        prior_precision: as above.
+        log_marginal_likelihood: as above.
+        temperature: as above.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        posterior: GaussianPosterior,
+        *,
+        curvature: CurvatureResult | None = None,
+        prior_precision: Tensor | dict[str, Tensor] | None = None,
+        log_marginal_likelihood: Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__(model)
+        self.posterior = posterior
+        self.curvature = curvature
+        self.prior_precision = prior_precision
+        self.log_marginal_likelihood = log_marginal_likelihood
+        self.temperature = temperature
+        self.register_buffer("loc", flatten(posterior.mean).detach())
+        self._posterior_dist: TorchDistribution | None = None
+
+    def _copy_prototype(self, other: AutoContinuous) -> None:
+        for attr in (
+            "prototype_trace",
+            "_prototype_frames",
+            "_unconstrained_shapes",
+            "_cond_indep_stacks",
+            "latent_dim",
+        ):
+            setattr(self, attr, getattr(other, attr))
+
+    def get_posterior(self, *args: Any, **kwargs: Any) -> TorchDistribution:
+        """The Gaussian over the flat unconstrained latents, as a Pyro distribution."""
+        if self._posterior_dist is None:
+            q = self.posterior
+            if isinstance(q, DiagonalGaussian):
+                d = dist.Normal(self.loc, flatten(q.stddev())).to_event(1)
+            elif isinstance(q, DenseGaussian):
+                tril = torch.distributions.MultivariateNormal(
+                    self.loc, precision_matrix=q.precision_matrix()
+                ).scale_tril
+                d = dist.MultivariateNormal(self.loc, scale_tril=tril)
+            else:
+                d = GaussianPosteriorDistribution(q)
+            self._posterior_dist = d
+        return self._posterior_dist
+
+    def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return self.loc, flatten(self.posterior.stddev())
+
+    def tempered(self, temperature: float) -> LaplaceGuide:
+        r"""The guide for :math:`q^{1/T}`: the precision divided by ``temperature``
+        (relative to this guide's own temperature, which it multiplies)."""
+        guide = LaplaceGuide(
+            self.model,
+            self.posterior.tempered(temperature),
+            curvature=self.curvature,
+            prior_precision=self.prior_precision,
+            log_marginal_likelihood=self.log_marginal_likelihood,
+            temperature=self.temperature * temperature,
+        )
+        guide._copy_prototype(self)
+        return guide
+
+    def site_supports(self) -> dict[str, Any]:
+        """Each latent site's support (a ``constraints`` object), in model order."""
+        return {
+            name: site["fn"].support for name, site in self.prototype_trace.iter_stochastic_nodes()
+        }
+
+    def site_event_dims(self) -> dict[str, int]:
+        """Each latent site's event dimension in the model, in model order."""
+        return {
+            name: site["fn"].event_dim
+            for name, site in self.prototype_trace.iter_stochastic_nodes()
+        }
+
+    def prior(self):
+        """This posterior as the next episode's prior: see
+        :func:`pyro_sgmcmc.continual.prior_from_posterior`."""
+        from pyro_sgmcmc.continual import prior_from_posterior
+
+        return prior_from_posterior(self)
+
+
+def _plate_subsample(model: Callable, args: tuple, kwargs: dict, plate: str | None):
+    """``(name, size)`` of a plate that subsamples itself in the model (else None)."""
+    with pyro.validation_enabled(False):
+        tr = poutine.trace(model).get_trace(*args, **kwargs)
+    found = [
+        (name, site["fn"].subsample_size)
+        for name, site in tr.nodes.items()
+        if site["type"] == "sample"
+        and isinstance(site["fn"], _Subsample)
+        and site["fn"].subsample_size is not None
+        and site["fn"].subsample_size < site["fn"].size
+        and (plate is None or name == plate)
+    ]
+    if len(found) > 1:
+        raise ModelError(
+            f"several plates subsample ({[n for n, _ in found]}): name the data plate "
+            "with plate='...'"
+        )
+    return found[0] if found else None
+
+
+class AutoLaplace(AutoLaplaceApproximation):
+    r"""Base of the Laplace autoguides: a MAP guide whose :meth:`laplace_approximation`
+    returns a :class:`LaplaceGuide`. Use :class:`AutoDiagonalLaplace` or
+    :class:`AutoDenseLaplace`; subclasses set :attr:`structure` (and may override
+    :meth:`_make_posterior`).
+
+    Args:
+        model: a Pyro model whose likelihood sits in a data plate, ``with
+            pyro.plate("data", N, subsample_size=...) as idx: ... obs=y[idx]``
+            (index every per-datum tensor with the plate's indices).
+        curvature: ``"ggn"`` (default: exact GGN for Bernoulli, Binomial,
+            Categorical, Normal, LogNormal, Poisson, Exponential, Gamma and Beta
+            observations, Monte Carlo Fisher for any other), ``"fisher"`` (Monte Carlo
+            Fisher everywhere), ``"ef"`` (empirical Fisher) or ``"hessian"``.
+        temperature: :math:`T > 0`; the guide targets :math:`p(\phi \mid y)^{1/T}`.
+        prior_precision: ``None`` (the model's own prior, exact Hessian at the MAP), a
+            positive float or ``{site: float}`` :math:`\delta` for a
+            :math:`\mathcal N(0, \delta^{-1})` prior on the unconstrained latents
+            (replaces the model's prior and log-Jacobian in the precision, not in the
+            MAP), ``"marglik"`` (a scalar :math:`\delta` maximising the Laplace
+            evidence) or ``"marglik_per_site"``.
+        batch_size: plate indices per curvature chunk (memory
+            :math:`O(\text{batch\_size} \cdot K \cdot P)`). A model whose plate fixes
+            ``subsample_size`` in the arguments given gets chunks of that size.
+        plate: the data plate's name (found automatically when unambiguous).
+        num_samples: draws of :math:`\tilde y` per datum for the Monte Carlo Fisher.
+        newton_steps: full-data Gauss-Newton steps (the GGN, or the Hessian for
+            ``curvature="hessian"``, plus the model prior's Hessian) that polish the SVI
+            mode before the curvature is taken, each with a backtracking line search on
+            the log joint (damped where the precision is not positive definite); one
+            step makes a linear-Gaussian model's mode exact, and for a GLM with
+            canonical link they are Fisher scoring (IRLS). Updates this guide's ``loc``.
+        seed: seed of the Monte Carlo draws.
+        init_loc_fn: Pyro init strategy of the MAP's starting point.
+
+    Attributes:
+        structure: ``"diag"`` or ``"dense"``.
+    """
+
+    structure = "dense"
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        curvature: str = "ggn",
+        temperature: float = 1.0,
+        prior_precision: float | Mapping[str, float] | str | None = None,
+        batch_size: int = 256,
+        plate: str | None = None,
+        num_samples: int = 1,
+        newton_steps: int = 0,
+        seed: int = 0,
+        init_loc_fn: Callable = init_to_median,
+    ) -> None:
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(
+                f"temperature must be > 0, got {temperature!r} (T = 0 is the MAP itself: "
+                "use guide.median())"
+            )
+        _check_prior_precision(prior_precision)
+        for name, value in (("batch_size", batch_size), ("num_samples", num_samples)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(newton_steps, int) and newton_steps >= 0):
+            raise ValueError(f"newton_steps must be a non-negative integer, got {newton_steps!r}")
+        super().__init__(model, init_loc_fn=init_loc_fn)
+        self._raw_model = (model,)  # a tuple: never registered as a submodule
+        self.curvature = curvature
+        self.temperature = float(temperature)
+        self.prior_precision = prior_precision
+        self.batch_size = batch_size
+        self.plate = plate
+        self.num_samples = num_samples
+        self.newton_steps = newton_steps
+        self.seed = seed
+
+    def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return self.loc, torch.zeros_like(self.loc)
+
+    # ------------------------------------------------------------------ set-up
+    def _potential(self, args: tuple, kwargs: dict) -> PyroPotential:
+        model = self._raw_model[0]
+        sub = _plate_subsample(model, args, kwargs, self.plate)
+        if sub is not None:
+            pot = PyroPotential(model, args, kwargs, plate=sub[0], subsample_size=sub[1])
+        else:
+            pot = PyroPotential(model, args, kwargs, plate=self.plate)
+        names = [name for name, _ in self.prototype_trace.iter_stochastic_nodes()]
+        if names != pot.latent_names:
+            raise ModelError(
+                f"the model's latent sites {pot.latent_names} differ from those the guide was "
+                f"fitted on {names}: call laplace_approximation with the model's arguments"
+            )
+        return pot
+
+    def _phi(self) -> dict[str, Tensor]:
+        return {
+            site["name"]: value.detach().clone()
+            for site, value in self._unpack_latent(self.loc.detach())
+        }
+
+    # ------------------------------------------------------------------ building blocks
+    def _prior_term(self, pot: PyroPotential, phi: dict[str, Tensor], delta) -> Any:
+        """:math:`\\Lambda_0`: the model prior's Hessian, or :math:`\\delta` on the diagonal."""
+        if delta is None:
+            return log_prior_hessian(pot, phi, self.structure)
+        like = flatten(phi)
+        if isinstance(delta, Mapping):
+            if set(delta) != set(phi):
+                raise ValueError(
+                    f"a per-site prior_precision needs one value per latent site {list(phi)}, "
+                    f"got {list(delta)}"
+                )
+            vec = torch.cat(
+                [
+                    torch.as_tensor(delta[k], dtype=like.dtype, device=like.device).expand(
+                        v.numel()
+                    )
+                    for k, v in phi.items()
+                ]
+            )
+        else:
+            vec = torch.as_tensor(delta, dtype=like.dtype, device=like.device).expand(like.numel())
+        if self.structure == "diag":
+            return unflatten(vec.clone(), phi)
+        return torch.diag(vec)
+
+    def _make_posterior(
+        self, phi: dict[str, Tensor], curvature: Any, prior: Any, temperature: float
+    ) -> GaussianPosterior:
+        r"""The Gaussian with mean ``phi`` and precision :math:`(C + \Lambda_0) / T`."""
+        if self.structure == "diag":
+            prec = {k: (curvature[k] + prior[k]) / temperature for k in phi}
+            bad = {k: int((v <= 0).sum()) for k, v in prec.items() if not bool((v > 0).all())}
+            if bad:
+                raise LaplaceError(
+                    f"the Laplace precision is not positive at the MAP (non-positive entries "
+                    f"per site: {bad}). {_FIX}"
+                )
+            return DiagonalGaussian(phi, prec)
+        try:
+            return DenseGaussian(phi, (curvature + prior) / temperature)
+        except ValueError as e:
+            raise LaplaceError(
+                f"the Laplace precision is not positive definite at the MAP. {_FIX}"
+            ) from e
+
+    def _newton(self, pot: PyroPotential, phi: dict[str, Tensor]) -> dict[str, Tensor]:
+        gen = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.newton_steps):
+            value, grad = log_joint_and_grad(pot, phi, self.batch_size)
+            res = likelihood_curvature(
+                pot,
+                phi,
+                curvature="hessian" if self.curvature == "hessian" else "ggn",
+                structure=self.structure,
+                batch_size=self.batch_size,
+                num_samples=self.num_samples,
+                generator=gen,
+            )
+            prior = log_prior_hessian(pot, phi, self.structure)
+            g = flatten(grad)
+            if self.structure == "diag":
+                step = _damped_solve(flatten(res.curvature) + flatten(prior), g)
+            else:
+                step = _damped_solve(res.curvature + prior, g)
+            base = flatten(phi)
+            t = 1.0
+            for _ in range(30):
+                cand = unflatten(base + t * step, phi)
+                new_value, _ = log_joint_and_grad(pot, cand, self.batch_size)
+                if bool(torch.isfinite(new_value)) and new_value >= value - 1e-12 * abs(value):
+                    phi = cand
+                    break
+                t *= 0.5
+            else:
+                break
+            if bool((t * step).abs().max() <= 1e-12 * (1 + base.abs().max())):
+                break  # converged
+        with torch.no_grad():
+            self.loc.copy_(flatten(phi).to(self.loc.dtype))
+        return phi
+
+    # ------------------------------------------------------------------ the approximation
+    def laplace_approximation(self, *args: Any, **kwargs: Any) -> LaplaceGuide:
+        r"""The Gaussian guide around the fitted MAP, from the curvature over all data.
+
+        Args:
+            *args: the model's positional arguments (those SVI used, or the full data).
+            **kwargs: the model's keyword arguments.
+
+        Returns:
+            A :class:`LaplaceGuide`; its ``curvature``, ``prior_precision`` and
+            ``log_marginal_likelihood`` record how it was built.
+
+        Raises:
+            RuntimeError: called before the guide was fitted (or run once).
+            ModelError: the model has other latent sites than when fitted; the EF of a
+                model without a data plate.
+            LaplaceError: the precision is not positive definite at the MAP.
+        """
+        if self.prototype_trace is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no MAP yet: fit it first with "
+                "SVI(model, guide, optim, Trace_ELBO()).step(*args) (or call guide(*args) "
+                "once to start from its initial point)"
+            )
+        pot = self._potential(args, kwargs)
+        phi = self._phi()
+        if self.newton_steps:
+            phi = self._newton(pot, phi)
+        gen = torch.Generator().manual_seed(self.seed)
+        res = likelihood_curvature(
+            pot,
+            phi,
+            curvature=self.curvature,
+            structure=self.structure,
+            batch_size=self.batch_size,
+            num_samples=self.num_samples,
+            generator=gen,
+        )
+        delta = self.prior_precision
+        if isinstance(delta, str):
+            delta = optimize_prior_precision(
+                res.log_likelihood, phi, res.curvature, per_site=delta == "marglik_per_site"
+            )
+        prior = self._prior_term(pot, phi, delta)
+        posterior = self._make_posterior(phi, res.curvature, prior, self.temperature)
+        evidence = self._log_evidence(pot, phi, res, prior, delta, posterior)
+        guide = LaplaceGuide(
+            self._raw_model[0],
+            posterior,
+            curvature=res,
+            prior_precision=_as_tensor_delta(delta, phi),
+            log_marginal_likelihood=evidence,
+            temperature=self.temperature,
+        )
+        guide._copy_prototype(self)
+        return guide
+
+    def _log_evidence(self, pot, phi, res, prior, delta, posterior) -> Tensor | None:
+        """The Laplace :math:`\\log p(y)` (untempered), from the curvature and the prior."""
+        if delta is not None:
+            return log_marginal_likelihood(res.log_likelihood, phi, res.curvature, delta)
+        untempered = posterior.log_det_precision() + posterior.num_params * math.log(
+            self.temperature
+        )
+        leaves = _leaves(phi)
+        trace = pot._trace(leaves, _first_indices(pot, flatten(phi).device))
+        log_prior = _log_prior_terms(pot, leaves, trace).detach()
+        p = posterior.num_params
+        return res.log_likelihood + log_prior + 0.5 * p * math.log(2 * math.pi) - 0.5 * untempered
+
+
+_FIX = (
+    "Check that SVI converged to a mode of the log joint (train longer, or use "
+    "newton_steps=...), use curvature='ggn' (positive semi-definite) rather than "
+    "'hessian', or set prior_precision=... (a Normal(0, 1/delta) prior on the "
+    "unconstrained latents, e.g. 1.0, or 'marglik')."
+)
+
+
+def _damped_solve(lam: Tensor, g: Tensor) -> Tensor:
+    r""":math:`(\Lambda + \mu I)^{-1} g` with the smallest :math:`\mu \ge 0` (0, then
+    growing tenfold from :math:`10^{-6}\max|\Lambda|`) that makes it positive definite:
+    a Newton step far from the mode, where the Hessian may be indefinite, stays an ascent
+    direction (Levenberg-Marquardt)."""
+    scale = float(lam.abs().max()) or 1.0
+    mu = 0.0
+    for _ in range(30):
+        if lam.dim() == 1:
+            d = lam + mu
+            if bool((d > 0).all()):
+                return g / d
+        else:
+            eye = torch.eye(lam.shape[0], dtype=lam.dtype, device=lam.device)
+            chol, info = torch.linalg.cholesky_ex(lam + mu * eye)
+            if int(info) == 0:
+                return torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
+        mu = 1e-6 * scale if mu == 0.0 else 10.0 * mu
+    raise LaplaceError(f"a Newton step found no positive definite damping. {_FIX}")
+
+
+def _check_prior_precision(value: Any) -> None:
+    if value is None or value in _MARGLIK:
+        return
+    if isinstance(value, str):
+        raise ValueError(f"prior_precision must be None, a float, a dict or one of {_MARGLIK}")
+    values = value.values() if isinstance(value, Mapping) else [value]
+    for v in values:
+        if not bool(torch.all(torch.as_tensor(v) > 0)):
+            raise ValueError(f"prior_precision must be positive, got {value!r}")
+
+
+def _as_tensor_delta(delta: Any, phi: Mapping[str, Tensor]):
+    if delta is None:
+        return None
+    like = flatten(phi)
+    if isinstance(delta, Mapping):
+        return {k: torch.as_tensor(v, dtype=like.dtype) for k, v in delta.items()}
+    return torch.as_tensor(delta, dtype=like.dtype)
+
+
+class AutoDiagonalLaplace(AutoLaplace):
+    r"""Laplace with a diagonal precision :math:`\mathrm{diag}(C + \Lambda_0) / T`.
+
+    Memory :math:`O(P)`: for models with many latents. The diagonal of the exact prior
+    Hessian costs one batched backward pass per parameter (prior only, no data); set
+    ``prior_precision`` for very large models. Arguments as :class:`AutoLaplace`.
+
+    Examples:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)) as idx:
+        ...         pyro.sample("obs", dist.Normal(mu, 1.0), obs=y[idx])
+        >>> y = torch.randn(100) + 3.0
+        >>> pyro.clear_param_store()
+        >>> guide = AutoDiagonalLaplace(model, newton_steps=1)
+        >>> _ = guide(y)  # set up at the initial point (SVI would fit it)
+        >>> q = guide.laplace_approximation(y)
+        >>> torch.allclose(q.median()["mu"], y.sum() / (100 + 0.01), atol=1e-4)
+        True
+        >>> q.posterior.variance()["mu"]  # 1 / (N / 1 + 1 / 100)
+        tensor(0.0100)
+    """
+
+    structure = "diag"
+
+
+class AutoDenseLaplace(AutoLaplace):
+    r"""Laplace with a dense precision :math:`(C + \Lambda_0) / T`: correlations between
+    all latents, memory :math:`O(P^2)`. Arguments as :class:`AutoLaplace`.
+
+    Examples:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> X = torch.randn(100, 2, generator=torch.Generator().manual_seed(0))
+        >>> y = X @ torch.tensor([1.0, 2.0]) + 0.5 * torch.randn(100)
+        >>> def model(X, y):
+        ...     w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        ...     with pyro.plate("data", len(X)) as idx:
+        ...         pyro.sample("obs", dist.Normal(X[idx] @ w, 0.5), obs=y[idx])
+        >>> pyro.clear_param_store()
+        >>> guide = AutoDenseLaplace(model, newton_steps=1)
+        >>> _ = guide(X, y)
+        >>> q = guide.laplace_approximation(X, y)
+        >>> exact = X.T @ X / 0.25 + torch.eye(2)
+        >>> torch.allclose(q.posterior.precision_matrix(), exact, rtol=1e-4)
+        True
+    """
+
+    structure = "dense"
