@@ -34,7 +34,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import MCMC as PyroMCMC
-from pyro.infer import NUTS
+from pyro.infer import NUTS, SVI, Trace_ELBO
 from torch import Tensor
 
 from pyro_sgmcmc.chains import MCMC
@@ -228,9 +228,95 @@ def _pima_parallel(
     )
 
 
+#: The method groups of the Pima table, for ``run_pima(methods=...)``.
+PIMA_GROUPS = ("sgmcmc", "parallel", "laplace", "vi", "ekf")
+
+
+def _minibatch_map(guide, data: Dataset, batch_size: int, steps: int) -> None:
+    """Fit an ``AutoLaplace`` guide's MAP with minibatch SVI (the model's data plate
+    subsamples ``batch_size`` rows per step), the learning rate decaying 0.05 -> 1e-4
+    and no gradient clipping (clipping a noisy gradient biases it)."""
+    optim = pyro.optim.ClippedAdam(
+        {"lr": 0.05, "lrd": (1e-4 / 0.05) ** (1 / steps), "clip_norm": float("inf")}
+    )
+    svi = SVI(logistic_regression_model, guide, optim, Trace_ELBO())
+    for _ in range(steps):
+        svi.step(data.X, data.y, subsample_size=batch_size)
+
+
+def _draws(posterior, num_draws: int, seed: int) -> Tensor:
+    return posterior.sample(num_draws, torch.Generator().manual_seed(seed))["w"]
+
+
+def _pima_laplace(
+    data: Dataset, structure: str, curvature: str, batch_size: int, steps: int, draws: int,
+    seed: int,
+) -> MethodRun:  # fmt: skip
+    from pyro_sgmcmc.laplace import AutoDenseLaplace, AutoDiagonalLaplace
+
+    pyro.clear_param_store()
+    cls = AutoDenseLaplace if structure == "dense" else AutoDiagonalLaplace
+    # Minibatch Adam freezes O(0.15 sd) of noise into the MAP; two Newton steps over the
+    # full data (passes like the curvature's own) polish it.
+    guide = cls(logistic_regression_model, curvature=curvature, newton_steps=2)
+
+    def fit():
+        _minibatch_map(guide, data, batch_size, steps)
+        return guide.laplace_approximation(data.X, data.y).posterior
+
+    posterior, seconds = _timed(fit)
+    name = f"Laplace ({curvature.upper()}, {structure}; MAP: SVI batch {batch_size} + Newton)"
+    return MethodRun(name, _draws(posterior, draws, seed), seconds, steps, serial=False)
+
+
+def _pima_vi(
+    data: Dataset, structure: str, batch_size: int, steps: int, draws: int, seed: int
+) -> MethodRun:
+    from pyro_sgmcmc.vi import fit_svi
+
+    pyro.clear_param_store()
+    optim = pyro.optim.ExponentialLR(
+        {"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.02}, "gamma": 0.01 ** (1 / steps)}
+    )
+    result, seconds = _timed(
+        lambda: fit_svi(
+            logistic_regression_model,
+            (data.X, data.y),
+            guide=structure,
+            num_steps=steps,
+            optim=optim,
+            subsample_size=batch_size,
+            num_particles=2,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    )
+    name = f"VI ({structure}, STL, batch {batch_size})"
+    return MethodRun(name, _draws(result.posterior, draws, seed), seconds, steps, serial=False)
+
+
+def _pima_ekf(data: Dataset, batch_size: int, draws: int, seed: int) -> MethodRun:
+    from pyro_sgmcmc.ekf import pyro_ekf
+
+    potential = PyroPotential(logistic_regression_model, (data.X, data.y))
+    posterior, seconds = _timed(
+        lambda: pyro_ekf(
+            potential,
+            batch_size=batch_size,
+            dense=True,
+            curvature="hessian",
+            num_iterations=3,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    )
+    steps = math.ceil(data.X.shape[0] / batch_size)
+    name = f"EKF (dense, one pass, batch {batch_size}, 3 iterations)"
+    return MethodRun(name, _draws(posterior, draws, seed), seconds, steps, serial=False)
+
+
 def run_pima(
     data: Dataset,
     *,
+    methods: Sequence[str] = PIMA_GROUPS,
     seed: int = 0,
     nuts_warmup: int = 1000,
     nuts_samples: int = 8000,
@@ -241,17 +327,27 @@ def run_pima(
     chains: int = 4000,
     parallel_warmup: int = 500,
     parallel_steps: int = 200,
+    gaussian_steps: int = 3000,
+    gaussian_draws: int = 4000,
     jit: bool = True,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> list[MethodRun]:
-    """Run every method of the Pima table; the first run is the NUTS reference.
+    """Run the methods of the Pima table; the first run is the NUTS reference.
 
     Each run starts from ``pyro.set_rng_seed(seed)``, so each is reproducible on its
-    own. Serial SGMCMC runs take ``warmup`` + ``steps`` sampler steps and keep every
-    ``thinning``-th; parallel SGHMC runs ``chains`` vectorised chains for
-    ``parallel_warmup`` + ``parallel_steps`` steps and keeps the last draw of each.
+    own. ``methods`` picks groups of :data:`PIMA_GROUPS`: ``"sgmcmc"`` (serial SGLD,
+    SGHMC full batch and minibatch, SGNHT, BAOA: ``warmup`` + ``steps`` sampler steps,
+    every ``thinning``-th kept), ``"parallel"`` (``chains`` vectorised SGHMC chains,
+    independent and in antithetic pairs, ``parallel_warmup`` + ``parallel_steps``
+    steps, the last draw of each), and the Gaussian approximations ``"laplace"`` (dense
+    GGN and EF, diagonal GGN; MAP by minibatch SVI, ``gaussian_steps`` steps),
+    ``"vi"`` (dense and diagonal STL VI, ``gaussian_steps`` steps) and ``"ekf"``
+    (dense, one pass), each scored on ``gaussian_draws`` draws of its Gaussian.
     """
+    unknown = set(methods) - set(PIMA_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown method groups {sorted(unknown)}; choose from {PIMA_GROUPS}")
     say = log or (lambda _msg: None)
     runs = []
 
@@ -262,14 +358,14 @@ def run_pima(
     pyro.set_rng_seed(seed)
     say(f"Pyro NUTS (reference): {nuts_warmup} warm-up + {nuts_samples} draws")
     add(_pima_nuts(data, nuts_warmup, nuts_samples, jit, progress))
-    for name, cls, batch in PIMA_SERIAL:
+    for name, cls, batch in PIMA_SERIAL if "sgmcmc" in methods else ():
         batch = batch_size if batch is not None else None
         if batch is not None:
             name = name.replace("batch 32", f"batch {batch}")
         pyro.set_rng_seed(seed)
         say(f"{name}: {warmup} warm-up + {steps} steps, thinning {thinning}")
         add(_pima_serial(data, name, cls, batch, warmup, steps, thinning, jit, progress))
-    for coupling in ("independent", "antithetic"):
+    for coupling in ("independent", "antithetic") if "parallel" in methods else ():
         pyro.set_rng_seed(seed)
         say(
             f"parallel SGHMC ({coupling}): {chains} chains x ({parallel_warmup} warm-up + "
@@ -280,6 +376,21 @@ def run_pima(
                 data, chains, parallel_warmup, parallel_steps, batch_size, progress, coupling
             )
         )
+    g_args = (batch_size, gaussian_steps, gaussian_draws, seed)
+    if "laplace" in methods:
+        for structure, curvature in (("dense", "ggn"), ("dense", "ef"), ("diagonal", "ggn")):
+            pyro.set_rng_seed(seed)
+            say(f"Laplace ({curvature}, {structure}): MAP by {gaussian_steps} SVI steps")
+            add(_pima_laplace(data, structure, curvature, *g_args))
+    if "vi" in methods:
+        for structure in ("dense", "diagonal"):
+            pyro.set_rng_seed(seed)
+            say(f"VI ({structure}): {gaussian_steps} SVI steps")
+            add(_pima_vi(data, structure, *g_args))
+    if "ekf" in methods:
+        pyro.set_rng_seed(seed)
+        say("EKF (dense): one pass")
+        add(_pima_ekf(data, batch_size, gaussian_draws, seed))
     return runs
 
 

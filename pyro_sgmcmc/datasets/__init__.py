@@ -72,11 +72,18 @@ def load_pima(
     return Dataset(X.to(dtype), y, names)
 
 
-def logistic_regression_model(X: Tensor, y: Tensor | None = None, prior_scale: float = 1.0):
+def logistic_regression_model(
+    X: Tensor,
+    y: Tensor | None = None,
+    prior_scale: float = 1.0,
+    subsample_size: int | None = None,
+):
     """Bayesian logistic regression, the Pima benchmark: ``w ~ N(0, prior_scale^2 I)``,
     ``y_i ~ Bernoulli(logits = x_i . w)``, no intercept unless ``X`` has one.
 
-    Written with the idiomatic data plate, so SGMCMC kernels can subsample it.
+    Written with the idiomatic data plate, so SGMCMC kernels can subsample it (they pin
+    the plate's indices themselves); ``subsample_size`` makes the plate subsample on its
+    own, as minibatch SVI wants.
 
     Examples:
         >>> data = load_pima()
@@ -85,7 +92,7 @@ def logistic_regression_model(X: Tensor, y: Tensor | None = None, prior_scale: f
         torch.Size([8])
     """
     w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[1]), prior_scale).to_event(1))
-    with pyro.plate("data", X.shape[0]) as idx:
+    with pyro.plate("data", X.shape[0], subsample_size=subsample_size) as idx:
         return pyro.sample(
             "obs", dist.Bernoulli(logits=X[idx] @ w), obs=None if y is None else y[idx]
         )
