@@ -73,7 +73,7 @@ Examples:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -1064,54 +1064,24 @@ def kfac_factors(
     }
     if not layers:
         raise ValueError("module has no trainable nn.Linear or nn.Conv2d layer for K-FAC")
-    device = next(iter(layers.values())).weight.device
-    captured: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def hook(name: str) -> Callable:
-        def record(layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            if name in captured:
-                raise ValueError(
-                    f"layer '{name}' ran twice in one forward pass (shared weights): "
-                    "K-FAC factors here assume each layer runs once"
-                )
-            captured[name] = (args[0].detach(), output)
-            # Downstream gets a copy, so that an in-place activation (ReLU(inplace=True))
-            # cannot overwrite the output whose cotangent is asked for.
-            return output.clone()
-
-        return record
-
     a_sums: dict[str, Tensor] = {}
     g_sums: dict[str, Tensor] = {}
     num_data = 0
-    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
-    try:
-        for batch in batches:
-            x, y = _split_batch(_tree_map(lambda t: t.to(device), batch))
-            if variant == "ef" and y is None:
-                raise ValueError("variant='ef' needs (x, y) batches with the observed targets")
-            captured.clear()
-            with torch.enable_grad():
-                out = module(x)
-                if output_transform is not None:
-                    out = output_transform(out)
-                cot = _output_cotangents(lik, out, y, variant, num_samples, generator)
-                names = list(captured)
-                grads = _backprop(out, [captured[n][1] for n in names], cot)
-            num_data += out.shape[0]
-            for name, g_out in zip(names, grads, strict=True):
-                layer = layers[name]
-                a, w = _layer_inputs(layer, captured[name][0])
-                d_out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-                channel_dim = -1 if isinstance(layer, nn.Linear) else 2  # (R, B, C, H, W)
-                g = g_out.movedim(channel_dim, -1).reshape(-1, d_out)
-                a_sums[name] = _add(a_sums.get(name), w * (a.T @ a))
-                g_sums[name] = _add(g_sums.get(name), g.T @ g)
-    finally:
-        for h in handles:
-            h.remove()
-    if num_data == 0:
-        raise ValueError("batches is empty")
+    passes = _layer_passes(
+        module, layers, batches, lik, variant, num_samples, generator, output_transform, "K-FAC"
+    )
+    for out, captured, cot in passes:
+        names = list(captured)
+        grads = _backprop(out, [captured[n][1] for n in names], cot)
+        num_data += out.shape[0]
+        for name, g_out in zip(names, grads, strict=True):
+            layer = layers[name]
+            a, w = _layer_inputs(layer, captured[name][0])
+            d_out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+            channel_dim = -1 if isinstance(layer, nn.Linear) else 2  # (R, B, C, H, W)
+            g = g_out.movedim(channel_dim, -1).reshape(-1, d_out)
+            a_sums[name] = _add(a_sums.get(name), w * (a.T @ a))
+            g_sums[name] = _add(g_sums.get(name), g.T @ g)
     return {
         name: KFACFactors(a_sums[name] / num_data, g_sums[name], layers[name].bias is not None)
         for name in a_sums
@@ -1335,10 +1305,45 @@ def module_diag_ggn(
 
     layers = _diag_layers(module, keep)
     trainable = {k: p for k, p in module.named_parameters() if p.requires_grad and keep(k)}
-    device = next(iter(trainable.values())).device
     sums = {
         k: torch.zeros_like(p, memory_format=torch.contiguous_format) for k, p in trainable.items()
     }
+    passes = _layer_passes(
+        module, layers, batches, lik, variant, num_samples, generator, output_transform,
+        "module_diag_ggn",
+    )  # fmt: skip
+    for out, captured, cot in passes:
+        names = list(captured)
+        outputs = [captured[n][1] for n in names]
+        step = cot.shape[0] if max_columns is None else max_columns
+        for lo in range(0, cot.shape[0], step):
+            grads = _backprop(out, outputs, cot[lo : lo + step])
+            for name, g_out in zip(names, grads, strict=True):
+                layer = layers[name]
+                d_weight, d_bias = _layer_diag(layer, captured[name][0], g_out.detach())
+                prefix = f"{name}." if name else ""
+                if prefix + "weight" in sums:
+                    sums[prefix + "weight"] += d_weight.reshape(layer.weight.shape)
+                if prefix + "bias" in sums:
+                    sums[prefix + "bias"] += d_bias
+    return sums
+
+
+def _layer_passes(
+    module: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Iterable[Any],
+    lik: Likelihood,
+    variant: str,
+    num_samples: int,
+    generator: torch.Generator | None,
+    output_transform: Callable[[Any], Tensor] | None,
+    what: str,
+) -> Iterator[tuple[Tensor, dict[str, tuple[Tensor, Tensor]], Tensor]]:
+    """One forward pass per batch with hooks on ``layers``: yields the output, each
+    layer's ``(input, output)`` in call order, and the output cotangents of ``variant``
+    (:func:`_output_cotangents`), with the graph kept for :func:`_backprop`."""
+    device = next(iter(module.parameters())).device
     captured: dict[str, tuple[Tensor, Tensor]] = {}
 
     def hook(name: str) -> Callable:
@@ -1346,7 +1351,7 @@ def module_diag_ggn(
             if name in captured:
                 raise ValueError(
                     f"layer '{name}' ran twice in one forward pass (shared weights): "
-                    "module_diag_ggn assumes each layer runs once"
+                    f"{what} assumes each layer runs once"
                 )
             captured[name] = (args[0].detach(), output)
             # Downstream gets a copy: an in-place op (ReLU(inplace=True)) must not
@@ -1368,19 +1373,7 @@ def module_diag_ggn(
                 if output_transform is not None:
                     out = output_transform(out)
                 cot = _output_cotangents(lik, out, y, variant, num_samples, generator)
-                names = list(captured)
-                outputs = [captured[n][1] for n in names]
-                step = cot.shape[0] if max_columns is None else max_columns
-                for lo in range(0, cot.shape[0], step):
-                    grads = _backprop(out, outputs, cot[lo : lo + step])
-                    for name, g_out in zip(names, grads, strict=True):
-                        layer = layers[name]
-                        d_weight, d_bias = _layer_diag(layer, captured[name][0], g_out.detach())
-                        prefix = f"{name}." if name else ""
-                        if prefix + "weight" in sums:
-                            sums[prefix + "weight"] += d_weight.reshape(layer.weight.shape)
-                        if prefix + "bias" in sums:
-                            sums[prefix + "bias"] += d_bias
+            yield out, dict(captured), cot
             seen += out.shape[0]
     finally:
         for h in handles:
@@ -1388,7 +1381,6 @@ def module_diag_ggn(
         captured.clear()
     if seen == 0:
         raise ValueError("batches is empty")
-    return sums
 
 
 # ---------------------------------------------------------------------- conjugate gradients
