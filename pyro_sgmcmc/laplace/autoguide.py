@@ -517,6 +517,10 @@ class AutoLaplace(AutoLaplaceApproximation):
             )
         prior = self._prior_term(pot, phi, delta)
         posterior = self._make_posterior(phi, res.curvature, prior, self.temperature)
+        return self._laplace_guide(pot, phi, res, prior, delta, posterior)
+
+    def _laplace_guide(self, pot, phi, res, prior, delta, posterior) -> LaplaceGuide:
+        """The fixed Gaussian guide of ``posterior``, with its evidence."""
         evidence = self._log_evidence(pot, phi, res, prior, delta, posterior)
         guide = LaplaceGuide(
             self._raw_model[0],

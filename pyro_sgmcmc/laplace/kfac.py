@@ -971,17 +971,7 @@ class AutoKFACLaplace(AutoLaplace):
         except ValueError as e:
             raise LaplaceError(f"{e}. {_FIX}") from e
         res = CurvatureResult(curvature, log_lik, methods)
-        evidence = self._log_evidence(pot, phi, res, prior, delta, posterior)
-        guide = LaplaceGuide(
-            self._raw_model[0],
-            posterior,
-            curvature=res,
-            prior_precision=_tensor_delta(delta, phi),
-            log_marginal_likelihood=evidence,
-            temperature=self.temperature,
-        )
-        guide._copy_prototype(self)
-        return guide
+        return self._laplace_guide(pot, phi, res, prior, delta, posterior)
 
 
 _KFAC_CURVATURES = ("ggn", "fisher", "ef")
@@ -1000,12 +990,3 @@ def _split_where_needed(
         else:
             out[name] = blk
     return out
-
-
-def _tensor_delta(delta: Any, phi: Mapping[str, Tensor]) -> Any:
-    if delta is None:
-        return None
-    dtype = next(iter(phi.values())).dtype
-    if isinstance(delta, Mapping):
-        return {k: torch.as_tensor(v, dtype=dtype) for k, v in delta.items()}
-    return torch.as_tensor(delta, dtype=dtype)
