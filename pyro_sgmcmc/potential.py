@@ -505,7 +505,18 @@ class PyroPotential:
         return total
 
     def per_example_grads(self, phi: dict[str, Tensor], indices: Tensor) -> dict[str, Tensor]:
-        """Gradient of each datum's log-likelihood, shape ``(B, *site_shape)`` per site."""
+        """Gradient of each datum's log-likelihood, shape ``(B, *site_shape)`` per site.
+
+        One vmapped gradient (linear in ``B``); models without vmap rules fall back to a
+        batched backward pass over the ``(B, B)`` identity."""
+        try:
+            return self._vmapped_per_example_grads(phi, indices)
+        except Exception:  # noqa: BLE001 - an op without a vmap rule
+            return self._backward_per_example_grads(phi, indices)
+
+    def _backward_per_example_grads(
+        self, phi: dict[str, Tensor], indices: Tensor
+    ) -> dict[str, Tensor]:
         leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
         ll = self.per_example_log_likelihood(leaves, indices)
         b = ll.shape[0]
@@ -559,7 +570,8 @@ class PyroPotential:
         except Exception:  # noqa: BLE001 - an op without a vmap rule
             # A batched backward over the (B, B) identity costs B backward passes of the
             # chunk: quadratic in B, hence small chunks.
-            parts = [self.per_example_grads(phi, idx) for idx in chunks(min(chunk_size, 256))]
+            small = chunks(min(chunk_size, 256))
+            parts = [self._backward_per_example_grads(phi, idx) for idx in small]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def _vmapped_per_example_grads(
