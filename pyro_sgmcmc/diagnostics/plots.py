@@ -176,10 +176,13 @@ def plot_marginals(
     plt = _pyplot()
     cols = min(columns, dim)
     rows = math.ceil(dim / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows + 0.9), squeeze=False)
-    colors = plt.get_cmap("tab10").colors
-    ref = mats[reference]
     others = [m for m in mats if m != reference]
+    legend_cols = min(4, len(mats))
+    legend_height = 0.2 * math.ceil(len(mats) / legend_cols) + 0.2  # inches
+    height = 2.9 * rows + 0.5 + legend_height
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, height), squeeze=False)
+    colors = plt.get_cmap("tab10" if len(others) <= 10 else "tab20").colors
+    ref = mats[reference]
     for j, ax in enumerate(axes.flat):
         if j >= dim:
             ax.set_visible(False)
@@ -187,13 +190,14 @@ def plot_marginals(
         mu, sd = ref[:, j].mean(), ref[:, j].std()
         grid = np.linspace(mu - 4.5 * sd, mu + 4.5 * sd, 200)
         for k, m in enumerate(others):
-            ax.plot(grid, kde(mats[m][:, j], grid), color=colors[k % 10], lw=1.2, label=m)
+            color = colors[k % len(colors)]
+            ax.plot(grid, kde(mats[m][:, j], grid), color=color, lw=1.2, label=m)
         ax.plot(grid, kde(ref[:, j], grid), color="black", lw=2.2, ls="--", label=reference)
         ax.set_title(names[j])
         ax.set_yticks([])
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=legend_cols, fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.08 if rows > 1 else 0.16, 1, 1))
+    fig.tight_layout(rect=(0, legend_height / height, 1, 1))
     return _save(fig, path)
