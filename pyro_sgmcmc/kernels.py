@@ -326,6 +326,7 @@ class SGMCMCKernel(MCMCKernel):
         self._buffer_end = self._window_start if self._windows else 0
         self._welford = WelfordVariance()
         self._fisher_scale: dict[str, Tensor] | None = None
+        self._chain_rms: dict[str, Tensor] | None = None  # vectorised initial buffer
         self._noise: deque[dict[str, Tensor]] = deque(maxlen=20)
         self._cv: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
         self._cv_enabled = self._wants_control_variates(params)
@@ -409,6 +410,7 @@ class SGMCMCKernel(MCMCKernel):
         "_t", "_calls", "_warmup_steps", "_divergences", "_num_nonfinite", "_inv_mass",
         "_beta", "_alpha", "_clipped_warned", "_windows", "_window_start", "_buffer_end",
         "_welford", "_noise", "_cv", "_state", "_prev_state", "_last_u", "_fisher_scale",
+        "_chain_rms",
     )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
@@ -484,6 +486,37 @@ class SGMCMCKernel(MCMCKernel):
     def _optimising(self) -> bool:
         return self._calls < self._buffer_end
 
+    def _step_inv_mass(self) -> dict[str, Tensor] | None:
+        r"""The preconditioner of this step.
+
+        Vectorised chains in the initial buffer (an optimiser run at :math:`T = 0`) start
+        all over the prior's box, where the curvature differs by orders of magnitude from
+        chain to chain, and the shared :math:`D` (measured on chain 0) can be far too
+        large for a chain in a stiff region. Each chain then also takes
+        :math:`D_c = \min(D, ar g_c^{-1/2})`, with :math:`ar g_c` the running mean of
+        its own squared gradients (RMSprop), so every chain's steps stay bounded.
+        """
+        if self.num_chains is None or not self._optimising or self._chain_rms is None:
+            return self._inv_mass
+        out = {}
+        for k, rms in self._chain_rms.items():
+            d = 1.0 if self._inv_mass is None else self._inv_mass[k]
+            out[k] = torch.minimum(torch.as_tensor(d, dtype=rms.dtype), rms.rsqrt())
+        return out
+
+    def _update_chain_rms(self, grads: dict[str, Tensor]) -> None:
+        if not self._optimising:
+            self._chain_rms = None
+            return
+        tiny = torch.finfo(next(iter(grads.values())).dtype).tiny
+        if self._chain_rms is None:
+            self._chain_rms = {k: g.square().clamp(min=tiny) for k, g in grads.items()}
+        else:
+            self._chain_rms = {
+                k: (0.9 * v + 0.1 * grads[k].square()).clamp(min=tiny)
+                for k, v in self._chain_rms.items()
+            }
+
     def _one_step(self, warm: bool) -> None:
         if self.num_chains is not None:
             self._one_batched_step(warm)
@@ -519,7 +552,7 @@ class SGMCMCKernel(MCMCKernel):
             step_size,
             temperature=0.0 if self._optimising else self.temperature,
             num_data=self.potential.num_data,
-            inv_mass=self._inv_mass,
+            inv_mass=self._step_inv_mass(),
             generator=self._noise_source(),
             **self._sampler_kwargs(step_size),
         )
@@ -544,6 +577,7 @@ class SGMCMCKernel(MCMCKernel):
                 for k, g in grads.items()
             }
         self._last_u = u.mean()
+        self._update_chain_rms(grads)
         prev = self._state
         self._state = self._sampler_step(grads)
         if bad.any():
