@@ -369,6 +369,16 @@ class AutoLaplace(AutoLaplaceApproximation):
         return self.loc, torch.zeros_like(self.loc)
 
     # ------------------------------------------------------------------ set-up
+    def _fitted(self, args: tuple, kwargs: dict) -> tuple[PyroPotential, dict[str, Tensor]]:
+        """The potential on ``args`` and the fitted MAP; a clear error before fitting."""
+        if self.prototype_trace is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no MAP yet: fit it first with "
+                "SVI(model, guide, optim, Trace_ELBO()).step(*args) (or call guide(*args) "
+                "once to start from its initial point)"
+            )
+        return self._potential(args, kwargs), self._phi()
+
     def _potential(self, args: tuple, kwargs: dict) -> PyroPotential:
         model = self._raw_model[0]
         sub = _plate_subsample(model, args, kwargs, self.plate)
@@ -490,14 +500,7 @@ class AutoLaplace(AutoLaplaceApproximation):
                 model without a data plate.
             LaplaceError: the precision is not positive definite at the MAP.
         """
-        if self.prototype_trace is None:
-            raise RuntimeError(
-                f"{type(self).__name__} has no MAP yet: fit it first with "
-                "SVI(model, guide, optim, Trace_ELBO()).step(*args) (or call guide(*args) "
-                "once to start from its initial point)"
-            )
-        pot = self._potential(args, kwargs)
-        phi = self._phi()
+        pot, phi = self._fitted(args, kwargs)
         if self.newton_steps:
             phi = self._newton(pot, phi)
         gen = torch.Generator().manual_seed(self.seed)

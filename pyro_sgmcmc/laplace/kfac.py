@@ -937,14 +937,7 @@ class AutoKFACLaplace(AutoLaplace):
             LaplaceError: the model's prior is not isotropic on a layer (set
                 ``prior_precision``), or the precision is not positive definite.
         """
-        if self.prototype_trace is None:
-            raise RuntimeError(
-                f"{type(self).__name__} has no MAP yet: fit it first with "
-                "SVI(model, guide, optim, Trace_ELBO()).step(*args) (or call guide(*args) "
-                "once to start from its initial point)"
-            )
-        pot = self._potential(args, kwargs)
-        phi = self._phi()
+        pot, phi = self._fitted(args, kwargs)
         layers = self._layers(pot, phi)
         blocks, diagonal, log_lik, methods = self._data_pass(pot, phi, layers)
         self.kfac_layers = {n: (lay.weight, lay.bias) for n, lay in layers.items()}
