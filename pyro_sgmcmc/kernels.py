@@ -493,10 +493,11 @@ class SGMCMCKernel(MCMCKernel):
         all over the prior's box, where the curvature differs by orders of magnitude from
         chain to chain, and the shared :math:`D` (measured on chain 0) can be far too
         large for a chain in a stiff region. Each chain then also takes
-        :math:`D_c = \min(D, ar g_c^{-1/2})`, with :math:`ar g_c` the running mean of
-        its own squared gradients (RMSprop), so every chain's steps stay bounded.
+        :math:`D_c = \min(D, \bar g_c^{-1/2})`, with :math:`\bar g_c` the running mean of
+        its own squared gradients (RMSprop), so every chain's steps stay bounded. A single
+        chain of a model without a data plate (no empirical Fisher) gets the same bound.
         """
-        if self.num_chains is None or not self._optimising or self._chain_rms is None:
+        if not self._optimising or self._chain_rms is None:
             return self._inv_mass
         out = {}
         for k, rms in self._chain_rms.items():
@@ -531,6 +532,8 @@ class SGMCMCKernel(MCMCKernel):
             self._state = self._reset_momenta(self._prev_state)
             return
         self._last_u = u
+        if not self._fisher_preconditions():
+            self._update_chain_rms(grads)
         self._prev_state = self._state
         self._state = self._sampler_step(grads)
         self._t += 1
