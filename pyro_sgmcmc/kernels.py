@@ -61,6 +61,7 @@ from pyro.infer.autoguide.initialization import init_to_uniform
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor
 
+from pyro_sgmcmc.curvature import hvp
 from pyro_sgmcmc.potential import NonFiniteError, PyroPotential
 from pyro_sgmcmc.samplers import baoa, sghmc, sgld, sgnht
 from pyro_sgmcmc.samplers._common import AntitheticPairs
@@ -75,6 +76,9 @@ _MAX_CV_TABLE = 2e7
 _MAX_MASS_GROWTH = 4.0
 #: Largest inverse mass relative to the inverse empirical Fisher at the window's centre.
 _MAX_FISHER_RATIO = 4.0
+#: Rademacher probes per Hutchinson estimate of the Hessian's diagonal (models without
+#: a data plate).
+_CURVATURE_PROBES = 4
 #: Data per estimate of the empirical Fisher and of the gradient noise during warm-up.
 _ESTIMATION_BATCH = 256
 # Distributed runs with one batched generator per process: rank r's seed is seed + r * this.
@@ -655,6 +659,13 @@ class SGMCMCKernel(MCMCKernel):
                 self._noise.append(self._from_first_chain(self._gradient_noise(idx0, grads)))
             if self._noise and (fisher or len(self._noise) % 5 == 0 or len(self._noise) == 2):
                 self._update_beta()
+        if self._curvature_preconditions() and t < self._window_start and t % 10 == 0:
+            # No data plate, so no empirical Fisher: the Hessian's diagonal instead.
+            params = self._state.params
+            if self.num_chains is not None:
+                params = {k: v[0] for k, v in params.items()}
+            self._fisher_scale = self._from_first_chain(self._inverse_curvature(params))
+            self._set_inv_mass(self._fisher_scale)
         if t < self._window_start or not self._windows:
             return
         # Vectorised chains: each chain's own variance (a tensor per chain), averaged
@@ -744,6 +755,36 @@ class SGMCMCKernel(MCMCKernel):
             and isinstance(self.potential, PyroPotential)
             and self.potential.plate_name is not None
         )
+
+    def _curvature_preconditions(self) -> bool:
+        """Models without a data plate: precondition the initial buffer with the
+        potential's diagonal curvature (what the empirical Fisher gives plate models)."""
+        return (
+            self.adapt_mass_matrix
+            and bool(self._windows)
+            and isinstance(self.potential, PyroPotential)
+            and self.potential.plate_name is None
+        )
+
+    def _inverse_curvature(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        r""":math:`D = \min(1, |\mathrm{diag}\,\nabla^2 U|^{-1})`, the diagonal by
+        Hutchinson's estimator :math:`\mathbb E[v \odot \nabla^2 U\, v]` over 4 Rademacher
+        probes :math:`v`. Without data, :math:`U` is the whole negative log-density, whose
+        curvature is the posterior precision itself: :math:`D` whitens it, as the windows'
+        variances do later (the Fisher's square root would leave a curvature-1e4 coordinate
+        at ``step_size * D * h = 10``, unstable)."""
+        total = {k: torch.zeros_like(p) for k, p in params.items()}
+        for _ in range(_CURVATURE_PROBES):
+            v = {
+                k: torch.randint(0, 2, p.shape, generator=self._generator).to(p) * 2 - 1
+                for k, p in params.items()
+            }
+            hv = hvp(lambda p: self.potential.potential(p, None), params, v, mode="reverse")
+            total = {k: total[k] + v[k] * hv[k] for k in total}
+        return {
+            k: torch.clamp((d / _CURVATURE_PROBES).abs(), min=1.0).reciprocal()
+            for k, d in total.items()
+        }
 
     def _set_inv_mass(self, new: dict[str, Tensor]) -> None:
         self._state = self._rescale_momenta(self._state, self._inv_mass, new)

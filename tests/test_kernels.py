@@ -353,3 +353,22 @@ def test_unknown_noise_scale_normal_inverse_gamma_exact():
         ratio = s["w"].std(0) / w_sd
         assert ratio.min() > 0.8 and ratio.max() < 1.25, ratio
         assert 0.75 < s["s2"].std() / s2_sd < 1.3
+
+
+def test_stiff_model_without_a_data_plate_is_preconditioned_by_its_curvature():
+    """No plate, so no empirical Fisher: the initial buffer preconditions with the
+    Hessian's diagonal (Hutchinson). Scales 0.01 and 10 at the default step size used to
+    diverge at warm-up step 26 (step_size * h = 1e3 on the stiff coordinate)."""
+
+    def stiff():
+        pyro.sample("x", dist.Normal(torch.zeros(2), torch.tensor([0.01, 10.0])).to_event(1))
+
+    for kernel, bias in ((BAOAKernel(stiff), 0.1), (SGHMCKernel(stiff), 0.25)):
+        pyro.set_rng_seed(0)
+        mcmc = MCMC(kernel, num_samples=3000, warmup_steps=1000, disable_progbar=True)
+        mcmc.run()
+        x = mcmc.get_samples()["x"]
+        ess = effective_sample_size(x.unsqueeze(0), chain_dim=0, sample_dim=1)
+        ratio = x.std(0) / torch.tensor([0.01, 10.0])
+        # SGHMC's O(step) bias is larger than BAOA's (exact for Gaussians).
+        assert ((ratio - 1).abs() < bias + 4 / (2 * ess).sqrt()).all(), (ratio, ess)
