@@ -159,8 +159,10 @@ class DiagonalGaussian(GaussianPosterior):
         for k, lam in precision.items():
             if not bool(torch.all(lam > 0)):
                 raise ValueError(f"precision[{k!r}] must be positive everywhere")
-        self.mean = {k: v.detach() for k, v in mean.items()}
-        self.precision = {k: v.detach() for k, v in precision.items()}
+        # Own copies: a posterior must not change when the tensors it came from do (a
+        # guide's loc trained further, a module's parameters updated in place).
+        self.mean = {k: v.detach().clone() for k, v in mean.items()}
+        self.precision = {k: v.detach().clone() for k, v in precision.items()}
 
     def variance(self) -> Params:
         return {k: lam.reciprocal() for k, lam in self.precision.items()}
@@ -209,7 +211,7 @@ class DenseGaussian(GaussianPosterior):
     """
 
     def __init__(self, mean: Mapping[str, Tensor], precision: Tensor) -> None:
-        self.mean = {k: v.detach() for k, v in mean.items()}
+        self.mean = {k: v.detach().clone() for k, v in mean.items()}
         p = self.num_params
         if precision.shape != (p, p):
             raise ValueError(f"precision must be ({p}, {p}), got {tuple(precision.shape)}")

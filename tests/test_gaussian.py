@@ -64,3 +64,15 @@ def test_bad_inputs_raise():
         DiagonalGaussian({"w": torch.zeros(2)}, {"w": torch.ones(3)})
     with pytest.raises(ValueError, match="positive"):
         DiagonalGaussian({"w": torch.zeros(2)}, {"w": torch.zeros(2)})
+
+
+def test_posteriors_own_their_tensors():
+    """Training the source further (a guide's loc, a module's weights) must not change a
+    posterior already returned."""
+    loc, prec = torch.zeros(2), torch.ones(2)
+    d = DiagonalGaussian({"w": loc}, {"w": prec})
+    q = DenseGaussian({"w": loc}, torch.eye(2))
+    loc += 1.0
+    prec *= 4.0
+    assert torch.equal(d.mean["w"], torch.zeros(2)) and torch.equal(d.precision["w"], torch.ones(2))
+    assert torch.equal(q.mean["w"], torch.zeros(2))

@@ -315,9 +315,12 @@ class AutoLaplace(AutoLaplaceApproximation):
         newton_steps: full-data Gauss-Newton steps (the GGN, or the Hessian for
             ``curvature="hessian"``, plus the model prior's Hessian) that polish the SVI
             mode before the curvature is taken, each with a backtracking line search on
-            the log joint (damped where the precision is not positive definite); one
-            step makes a linear-Gaussian model's mode exact, and for a GLM with
-            canonical link they are Fisher scoring (IRLS). Updates this guide's ``loc``.
+            the log joint (damped where the precision is not positive definite). With
+            the dense curvature (:class:`AutoDenseLaplace`) one step makes a
+            linear-Gaussian model's mode exact, and for a GLM with canonical link they
+            are Fisher scoring (IRLS); the diagonal guide's steps use the diagonal only
+            and approach the mode (Pima: 0.03 posterior sd off after 5 steps from an SVI
+            mode). Updates this guide's ``loc``.
         seed: seed of the Monte Carlo draws.
         init_loc_fn: Pyro init strategy of the MAP's starting point.
 

@@ -238,7 +238,7 @@ class KFACGaussian(GaussianPosterior):
         curvature_scale: float = 1.0,
         temperature: float = 1.0,
     ) -> None:
-        self.mean = {k: v.detach() for k, v in mean.items()}
+        self.mean = {k: v.detach().clone() for k, v in mean.items()}
         if not self.mean:
             raise ValueError("mean is empty")
         self.blocks = dict(blocks)
