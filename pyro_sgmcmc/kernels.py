@@ -664,8 +664,8 @@ class SGMCMCKernel(MCMCKernel):
             params = self._state.params
             if self.num_chains is not None:
                 params = {k: v[0] for k, v in params.items()}
-            self._fisher_scale = self._from_first_chain(self._inverse_curvature(params))
-            self._set_inv_mass(self._fisher_scale)
+            # Not a floor for the windows (as the Fisher scale is): only a stability bound.
+            self._set_inv_mass(self._from_first_chain(self._inverse_curvature(params)))
         if t < self._window_start or not self._windows:
             return
         # Vectorised chains: each chain's own variance (a tensor per chain), averaged
@@ -757,8 +757,8 @@ class SGMCMCKernel(MCMCKernel):
         )
 
     def _curvature_preconditions(self) -> bool:
-        """Models without a data plate: precondition the initial buffer with the
-        potential's diagonal curvature (what the empirical Fisher gives plate models)."""
+        """Models without a data plate: bound the initial buffer's steps by the
+        potential's diagonal curvature (plate models have the empirical Fisher)."""
         return (
             self.adapt_mass_matrix
             and bool(self._windows)
@@ -767,12 +767,12 @@ class SGMCMCKernel(MCMCKernel):
         )
 
     def _inverse_curvature(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        r""":math:`D = \min(1, |\mathrm{diag}\,\nabla^2 U|^{-1})`, the diagonal by
-        Hutchinson's estimator :math:`\mathbb E[v \odot \nabla^2 U\, v]` over 4 Rademacher
-        probes :math:`v`. Without data, :math:`U` is the whole negative log-density, whose
-        curvature is the posterior precision itself: :math:`D` whitens it, as the windows'
-        variances do later (the Fisher's square root would leave a curvature-1e4 coordinate
-        at ``step_size * D * h = 10``, unstable)."""
+        r""":math:`D = \min(1, \tfrac12 / (\epsilon |h|))` from the Hessian's diagonal
+        :math:`h`, by Hutchinson's estimator :math:`\mathbb E[v \odot \nabla^2 U\, v]` over
+        4 Rademacher probes :math:`v`: it keeps ``step_size * D * h <= 1/2`` (stable)
+        where the curvature is large, and leaves the other coordinates alone (a smaller
+        :math:`D` there only slows the chains, e.g. between the modes of a double well).
+        """
         total = {k: torch.zeros_like(p) for k, p in params.items()}
         for _ in range(_CURVATURE_PROBES):
             v = {
@@ -781,10 +781,12 @@ class SGMCMCKernel(MCMCKernel):
             }
             hv = hvp(lambda p: self.potential.potential(p, None), params, v, mode="reverse")
             total = {k: total[k] + v[k] * hv[k] for k in total}
-        return {
-            k: torch.clamp((d / _CURVATURE_PROBES).abs(), min=1.0).reciprocal()
-            for k, d in total.items()
-        }
+        step_size = self._schedule(self._t)
+        out = {}
+        for k, d in total.items():
+            h = (d / _CURVATURE_PROBES).abs()
+            out[k] = torch.clamp(0.5 / (step_size * h), max=1.0)
+        return out
 
     def _set_inv_mass(self, new: dict[str, Tensor]) -> None:
         self._state = self._rescale_momenta(self._state, self._inv_mass, new)
