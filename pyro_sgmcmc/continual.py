@@ -70,16 +70,9 @@ from torch.distributions.transforms import ReshapeTransform
 
 from pyro_sgmcmc.curvature import flatten
 from pyro_sgmcmc.gaussian import DiagonalGaussian, GaussianPosterior
+from pyro_sgmcmc.potential import is_identity_transform
 
 __all__ = ["GaussianPrior", "prior_from_posterior"]
-
-
-def _is_identity(t) -> bool:
-    """``biject_to(real)`` and friends: an empty ``ComposeTransform``, maybe ``Independent``."""
-    T = torch.distributions.transforms
-    if isinstance(t, T.IndependentTransform):
-        return _is_identity(t.base_transform)
-    return isinstance(t, T.ComposeTransform) and not t.parts
 
 
 class GaussianPrior:
@@ -147,7 +140,7 @@ class GaussianPrior:
 
     def _transformed(self, base, name: str):
         t = self.transforms[name]
-        return base if _is_identity(t) else dist.TransformedDistribution(base, t)
+        return base if is_identity_transform(t) else dist.TransformedDistribution(base, t)
 
     # ------------------------------------------------------------------ per-site use
     @property

@@ -44,21 +44,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from pyro_sgmcmc.curvature import flatten, unflatten
+from pyro_sgmcmc.curvature import _check_like, flatten, unflatten
 
 __all__ = ["DenseGaussian", "DiagonalGaussian", "GaussianPosterior"]
 
 Params = dict[str, Tensor]
-
-
-def _check_like(x: Mapping[str, Tensor], mean: Mapping[str, Tensor], name: str) -> None:
-    if list(x) != list(mean):
-        raise ValueError(f"{name} must have the keys {list(mean)} in that order, got {list(x)}")
-    for k, m in mean.items():
-        if x[k].shape != m.shape:
-            raise ValueError(
-                f"{name}[{k!r}] must have shape {tuple(m.shape)}, got {tuple(x[k].shape)}"
-            )
 
 
 class GaussianPosterior(ABC):

@@ -647,9 +647,7 @@ class SGMCMCKernel(MCMCKernel):
         fisher = self._fisher_preconditions() and t < self._window_start and t % 10 == 0
         if noise or fisher:
             # Vectorised chains share D and beta: measure them on the first chain.
-            params = self._state.params
-            if self.num_chains is not None:
-                params = {k: v[0] for k, v in params.items()}
+            params = self._first_chain_params()
             idx0 = self._estimation_indices(idx)
             grads = self.potential.per_example_grads(params, idx0)
             if fisher:
@@ -660,12 +658,10 @@ class SGMCMCKernel(MCMCKernel):
             if self._noise and (fisher or len(self._noise) % 5 == 0 or len(self._noise) == 2):
                 self._update_beta()
         if self._curvature_preconditions() and t < self._window_start and t % 10 == 0:
-            # No data plate, so no empirical Fisher: the Hessian's diagonal instead.
-            params = self._state.params
-            if self.num_chains is not None:
-                params = {k: v[0] for k, v in params.items()}
-            # Not a floor for the windows (as the Fisher scale is): only a stability bound.
-            self._set_inv_mass(self._from_first_chain(self._inverse_curvature(params)))
+            # No data plate, so no empirical Fisher: the Hessian's diagonal instead; not a
+            # floor for the windows (as the Fisher scale is), only a stability bound.
+            curvature = self._inverse_curvature(self._first_chain_params())
+            self._set_inv_mass(self._from_first_chain(curvature))
         if t < self._window_start or not self._windows:
             return
         # Vectorised chains: each chain's own variance (a tensor per chain), averaged
@@ -711,6 +707,13 @@ class SGMCMCKernel(MCMCKernel):
         self._welford = WelfordVariance()
         if self._noise:
             self._update_beta()
+
+    def _first_chain_params(self) -> dict[str, Tensor]:
+        """The current parameters of the (only, or first vectorised) chain."""
+        params = self._state.params
+        if self.num_chains is None:
+            return params
+        return {k: v[0] for k, v in params.items()}
 
     def _chain_mean(self, per_chain: dict[str, Tensor]) -> dict[str, Tensor]:
         """Mean over all chains, those of other processes too in a distributed run."""

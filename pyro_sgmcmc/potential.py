@@ -125,6 +125,15 @@ class IndexStream:
         self._perm, self._pos = state["perm"].clone(), state["pos"]
 
 
+def is_identity_transform(transform) -> bool:
+    """Whether a ``biject_to(support)`` transform is the identity (support: the reals):
+    an empty ``ComposeTransform``, maybe inside an ``IndependentTransform``."""
+    T = torch.distributions.transforms
+    if isinstance(transform, T.IndependentTransform):
+        return is_identity_transform(transform.base_transform)
+    return isinstance(transform, T.ComposeTransform) and not transform.parts
+
+
 def _is_plate_site(site: dict) -> bool:
     return site["type"] == "sample" and isinstance(site["fn"], _Subsample)
 

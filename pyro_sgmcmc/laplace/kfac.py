@@ -97,7 +97,7 @@ from pyro_sgmcmc.laplace.pyro_curvature import (
     _weighted,
     model_plate_subsample_size,
 )
-from pyro_sgmcmc.potential import ModelError, PyroPotential
+from pyro_sgmcmc.potential import ModelError, PyroPotential, is_identity_transform
 
 __all__ = ["AutoKFACLaplace", "KFACBlock", "KFACGaussian", "blocks_from_factors"]
 
@@ -507,13 +507,6 @@ class _KFACLayer(NamedTuple):
     bias: str | None  # the bias's sample site (None: the bias is not a latent)
 
 
-def _is_identity(transform: Any, like: Tensor) -> bool:
-    """Whether a site's ``biject_to`` transform is the identity (support: the reals)."""
-    x = torch.randn_like(like)
-    y = transform(x)
-    return y.shape == x.shape and torch.equal(y, x)
-
-
 def _site_name(layer: nn.Module, attr: str) -> str:
     prefix = layer.__dict__.get("_pyro_name", "")
     return f"{prefix}.{attr}" if prefix else attr
@@ -676,7 +669,7 @@ class AutoKFACLaplace(AutoLaplace):
             if not isinstance(m, nn.Linear) or "weight" not in m.__dict__.get("_pyro_samples", {}):
                 continue
             w = _site_name(m, "weight")
-            if w not in phi or not _is_identity(pot._to_constrained[w], phi[w]):
+            if w not in phi or not is_identity_transform(pot._to_constrained[w]):
                 continue  # not a latent here, or constrained: its own diagonal
             if phi[w].shape != (m.out_features, m.in_features):
                 raise ModelError(
@@ -685,7 +678,9 @@ class AutoKFACLaplace(AutoLaplace):
                     "that shape (PyroSample(prior.expand([out, in]).to_event(2)))"
                 )
             b = _site_name(m, "bias") if "bias" in m.__dict__["_pyro_samples"] else None
-            if b is not None and (b not in phi or not _is_identity(pot._to_constrained[b], phi[b])):
+            if b is not None and (
+                b not in phi or not is_identity_transform(pot._to_constrained[b])
+            ):
                 b = None
             layers[name] = _KFACLayer(m, w, b)
         if not layers:

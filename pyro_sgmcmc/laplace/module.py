@@ -66,6 +66,7 @@ from torch import Tensor, nn
 
 from pyro_sgmcmc.curvature import (
     Likelihood,
+    _as_likelihood,
     accumulate_ef,
     accumulate_ggn,
     accumulate_mc_fisher,
@@ -83,10 +84,6 @@ __all__ = ["module_laplace"]
 _STRUCTURES = ("diag", "kfac", "dense")
 _CURVATURES = ("ggn", "ef", "mc")
 _FAST_LAYERS = (nn.Linear, nn.Conv2d)
-
-
-def _as_likelihood(likelihood: str | Likelihood) -> Likelihood:
-    return likelihood if isinstance(likelihood, Likelihood) else Likelihood(likelihood)
 
 
 def _owners(module: nn.Module) -> dict[str, nn.Module]:
