@@ -68,9 +68,9 @@ from torch import Tensor
 from torch.distributions import biject_to
 from torch.distributions.transforms import ReshapeTransform
 
-from pyro_sgmcmc.curvature import flatten
 from pyro_sgmcmc.gaussian import DiagonalGaussian, GaussianPosterior
-from pyro_sgmcmc.potential import is_identity_transform
+from pyro_sgmcmc.pyro_model import is_identity_transform
+from pyro_sgmcmc.tree import flatten
 
 __all__ = ["GaussianPrior", "prior_from_posterior"]
 

@@ -67,10 +67,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from pyro_sgmcmc.likelihoods import (
+    LogLikelihood,
+    bernoulli_log_likelihood,
+    categorical_log_likelihood,
+    normal_log_likelihood,
+)
 from pyro_sgmcmc.potential import NonFiniteError
 
 __all__ = [
@@ -82,8 +87,6 @@ __all__ = [
     "normal_log_likelihood",
 ]
 
-#: ``(output, y) -> per-example log-likelihoods of shape (B,)``.
-LogLikelihood = Callable[[Tensor, Tensor], Tensor]
 #: The module's input: a tensor, a tuple/list of positional inputs, or a dict of keyword ones.
 Inputs = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
@@ -91,90 +94,6 @@ Inputs = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 class NonFinitePotentialError(NonFiniteError, ValueError):
     """The potential or its gradient is NaN or infinite (a ``ValueError`` as well, so that
     both ``except NonFiniteError`` and ``except ValueError`` catch it)."""
-
-
-# ---------------------------------------------------------------------- log-likelihoods
-def _per_example(ll: Tensor) -> Tensor:
-    """Sum every dimension but the batch's: one log-likelihood per example."""
-    return ll.reshape(ll.shape[0], -1).sum(1) if ll.dim() != 1 else ll
-
-
-def _match_target(output: Tensor, y: Tensor, name: str) -> Tensor:
-    """``output`` in ``y``'s shape; a ``(B, 1)`` head against ``(B,)`` targets is reshaped,
-    because broadcasting the two would silently give a ``(B, B)`` likelihood."""
-    if output.shape == y.shape:
-        return output
-    if output.numel() == y.numel() and output.shape[:1] == y.shape[:1]:
-        return output.reshape(y.shape)
-    raise ValueError(
-        f"{name}: output shape {tuple(output.shape)} does not match target shape "
-        f"{tuple(y.shape)}: make the module return one value per target (or use "
-        "output_transform=... to reshape it)"
-    )
-
-
-def bernoulli_log_likelihood(logits: Tensor, y: Tensor) -> Tensor:
-    """Bernoulli log-likelihood of 0/1 targets ``y`` given ``logits``, per example.
-
-    Extra dimensions (multi-label targets) are summed per example.
-
-    Examples:
-        >>> bernoulli_log_likelihood(torch.zeros(2, 1), torch.tensor([0.0, 1.0]))
-        tensor([-0.6931, -0.6931])
-    """
-    logits = _match_target(logits, y, "bernoulli_log_likelihood")
-    y = y.to(logits.dtype)
-    return _per_example(-F.binary_cross_entropy_with_logits(logits, y, reduction="none"))
-
-
-def categorical_log_likelihood(logits: Tensor, y: Tensor) -> Tensor:
-    """Categorical log-likelihood of integer labels ``y`` given ``logits``, per example.
-
-    ``logits`` has the classes last, ``(B, ..., C)``, and ``y`` the shape ``(B, ...)``;
-    extra dimensions (tokens of a sequence) are summed per example.
-
-    Examples:
-        >>> categorical_log_likelihood(torch.zeros(2, 4), torch.tensor([0, 3]))
-        tensor([-1.3863, -1.3863])
-    """
-    if y.is_floating_point() or y.is_complex():
-        raise ValueError(
-            f"categorical_log_likelihood needs integer class labels, got {y.dtype}: pass y.long()"
-        )
-    if logits.shape[:-1] != y.shape:
-        raise ValueError(
-            f"categorical_log_likelihood: logits of shape {tuple(logits.shape)} need labels "
-            f"of shape {tuple(logits.shape[:-1])} (classes last), got {tuple(y.shape)}"
-        )
-    ll = logits.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    return _per_example(ll)
-
-
-def normal_log_likelihood(scale: float | Tensor) -> LogLikelihood:
-    """Gaussian log-likelihood ``Normal(output, scale).log_prob(y)`` with known noise scale.
-
-    Args:
-        scale: the observation noise standard deviation (a positive float, or a tensor
-            that broadcasts against the targets).
-
-    Returns:
-        ``(output, y) -> (B,)`` per-example log-likelihoods, extra dimensions summed.
-
-    Examples:
-        >>> ll = normal_log_likelihood(1.0)
-        >>> ll(torch.zeros(2, 1), torch.tensor([0.0, 1.0]))
-        tensor([-0.9189, -1.4189])
-    """
-    if isinstance(scale, (int, float)) and not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
-
-    def log_likelihood(output: Tensor, y: Tensor) -> Tensor:
-        output = _match_target(output, y, "normal_log_likelihood")
-        s = torch.as_tensor(scale, dtype=output.dtype, device=output.device)
-        z = (y - output) / s
-        return _per_example(-0.5 * z**2 - s.log() - 0.5 * math.log(2 * math.pi))
-
-    return log_likelihood
 
 
 # ---------------------------------------------------------------------- the potential

@@ -48,15 +48,19 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
-from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 from torch.distributions import biject_to
 
-__all__ = ["IndexStream", "ModelError", "NonFiniteError", "PyroPotential"]
+from pyro_sgmcmc import pyro_model
+from pyro_sgmcmc.pyro_model import (
+    ModelError,
+    is_identity_transform,
+    is_plate_site,
+    site_batch_shape,
+    site_frames,
+)
 
-
-class ModelError(ValueError):
-    """The model cannot be sampled as written; the message says what to change."""
+__all__ = ["IndexStream", "ModelError", "NonFiniteError", "PyroPotential", "is_identity_transform"]
 
 
 class NonFiniteError(RuntimeError):
@@ -123,23 +127,6 @@ class IndexStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._perm, self._pos = state["perm"].clone(), state["pos"]
-
-
-def is_identity_transform(transform) -> bool:
-    """Whether a ``biject_to(support)`` transform is the identity (support: the reals):
-    an empty ``ComposeTransform``, maybe inside an ``IndependentTransform``."""
-    T = torch.distributions.transforms
-    if isinstance(transform, T.IndependentTransform):
-        return is_identity_transform(transform.base_transform)
-    return isinstance(transform, T.ComposeTransform) and not transform.parts
-
-
-def _is_plate_site(site: dict) -> bool:
-    return site["type"] == "sample" and isinstance(site["fn"], _Subsample)
-
-
-def _frames(site: dict) -> dict[str, Any]:
-    return {f.name: f for f in site["cond_indep_stack"]}
 
 
 class PyroPotential:
@@ -214,18 +201,14 @@ class PyroPotential:
             except Exception as e:
                 raise ModelError(f"the model failed on its own arguments: {e}") from e
 
-        plates = {name: site for name, site in prototype.nodes.items() if _is_plate_site(site)}
-        observed = [
-            site
-            for site in prototype.nodes.values()
-            if site["type"] == "sample" and site["is_observed"] and not _is_plate_site(site)
-        ]
-        self.plate_name = self._find_data_plate(plates, observed, plate, subsample_size)
+        plates = {name: site for name, site in prototype.nodes.items() if is_plate_site(site)}
+        observed = [site for _, site in pyro_model.observed_sites(prototype)]
+        self.plate_name = pyro_model.find_data_plate(plates, observed, plate, subsample_size)
         self.plate_size = None if self.plate_name is None else plates[self.plate_name]["fn"].size
         self.plate_dim = None
         if self.plate_name is not None:
             for site in observed:
-                frame = _frames(site).get(self.plate_name)
+                frame = site_frames(site).get(self.plate_name)
                 if frame is not None:
                     self.plate_dim = frame.dim
                     break
@@ -244,12 +227,8 @@ class PyroPotential:
         self.subsample_size = subsample_size
         self.num_data = int(num_data or self.plate_size or 1)
 
-        self._check_latents(prototype)
-        self.latent_names = [
-            name
-            for name, site in prototype.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and not _is_plate_site(site)
-        ]
+        pyro_model.check_latents(prototype, self.plate_name, self.subsample_size)
+        self.latent_names = pyro_model.latent_site_names(prototype)
         if not self.latent_names:
             raise ModelError("the model has no latent sample sites to sample")
         self._to_constrained = {
@@ -273,63 +252,6 @@ class PyroPotential:
         self._check_minibatch_shapes()
 
     # ------------------------------------------------------------------ set-up checks
-    @staticmethod
-    def _find_data_plate(plates, observed, plate, subsample_size) -> str | None:
-        if plate is not None:
-            if plate not in plates:
-                raise ModelError(
-                    f"plate '{plate}' is not in the model; its plates are {sorted(plates)}"
-                )
-            return plate
-        candidates = []
-        for site in observed:
-            for frame in site["cond_indep_stack"]:
-                if frame.vectorized and frame.name in plates and frame.name not in candidates:
-                    candidates.append(frame.name)
-        if len(candidates) > 1:
-            # Nested plates: the outermost one (its dim furthest left) holds the data.
-            dims = {}
-            for site in observed:
-                for frame in site["cond_indep_stack"]:
-                    if frame.name in candidates:
-                        dims[frame.name] = frame.dim
-            outer = min(candidates, key=lambda n: dims[n])
-            if subsample_size is not None and list(dims.values()).count(dims[outer]) > 1:
-                raise ModelError(
-                    f"several plates hold observed sites ({candidates}): name the data "
-                    "plate with plate='...'"
-                )
-            return outer
-        if candidates:
-            return candidates[0]
-        if subsample_size is not None and any(
-            not f.vectorized for s in observed for f in s["cond_indep_stack"]
-        ):
-            raise ModelError(
-                "the observed sites sit in a sequential plate (`for i in pyro.plate(...)`): "
-                "subsampling needs a vectorised plate, `with pyro.plate('data', N) as idx`"
-            )
-        return None
-
-    def _check_latents(self, trace) -> None:
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site["is_observed"] or _is_plate_site(site):
-                continue
-            fn = site["fn"]
-            if fn.support.is_discrete:
-                raise ModelError(
-                    f"latent site '{name}' is discrete ({type(fn).__name__}): gradient-based "
-                    "samplers need continuous latents; marginalise it out (e.g. with "
-                    "pyro.infer.config_enumerate and a mixture likelihood) or observe it"
-                )
-            if self.subsample_size is not None and self.plate_name in _frames(site):
-                raise ModelError(
-                    f"latent site '{name}' lies inside the subsampled plate "
-                    f"'{self.plate_name}': local (per-datum) latents are not supported with "
-                    "subsample_size; marginalise them out, move them outside the plate, or "
-                    "sample full batch (subsample_size=None)"
-                )
-
     def _check_minibatch_shapes(self) -> None:
         """Trace once on a minibatch: the data plate's sites must have its batch size."""
         if self.plate_name is None:
@@ -342,14 +264,12 @@ class PyroPotential:
         tr = self._run(model, validate=True)
         batch = idx.numel()
         for name, site in tr.nodes.items():
-            if site["type"] != "sample" or _is_plate_site(site) or not site["is_observed"]:
+            if site["type"] != "sample" or is_plate_site(site) or not site["is_observed"]:
                 continue
-            if self.plate_name not in _frames(site):
+            if self.plate_name not in site_frames(site):
                 continue
-            dim = _frames(site)[self.plate_name].dim
-            value = site["value"]
-            event = len(site["fn"].event_shape)
-            shape = value.shape[: value.dim() - event] if event else value.shape
+            dim = site_frames(site)[self.plate_name].dim
+            shape = site_batch_shape(site)
             size = shape[dim] if -dim <= len(shape) else 1
             if size != batch:
                 raise ModelError(
@@ -427,7 +347,7 @@ class PyroPotential:
         # Out-of-support values must give -inf/NaN here (a divergence), not raise.
         with pyro.validation_enabled(False):
             for name, site in tr.nodes.items():
-                if site["type"] == "sample" and not _is_plate_site(site):
+                if site["type"] == "sample" and not is_plate_site(site):
                     lp = site["fn"].log_prob(site["value"])
                     yield name, scale_and_mask(lp, site["scale"], site["mask"]).sum()
             for name in self.latent_names:
@@ -500,9 +420,9 @@ class PyroPotential:
         tr = self._trace(phi, indices)
         total = 0.0
         for site in tr.nodes.values():
-            if site["type"] != "sample" or _is_plate_site(site) or not site["is_observed"]:
+            if site["type"] != "sample" or is_plate_site(site) or not site["is_observed"]:
                 continue
-            frame = _frames(site).get(self.plate_name)
+            frame = site_frames(site).get(self.plate_name)
             if frame is None:
                 continue
             with pyro.validation_enabled(False):

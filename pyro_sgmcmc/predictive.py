@@ -80,23 +80,22 @@ from torch.distributions import (
     Bernoulli,
     Categorical,
     Distribution,
-    Independent,
     MixtureSameFamily,
     Normal,
     Poisson,
 )
 from torch.func import jvp, vmap
 
-from pyro_sgmcmc.curvature import (
-    _UNSUPPORTED,
-    Likelihood,
-    _batch_size,
-    _per_example_jacobians,
-    _tree_map,
-    flatten,
-    unflatten,
-)
+from pyro_sgmcmc.curvature.per_example import per_example_jacobians
 from pyro_sgmcmc.gaussian import DenseGaussian, DiagonalGaussian, GaussianPosterior
+from pyro_sgmcmc.likelihoods import (
+    Likelihood,
+    as_likelihood,
+    distribution_members,
+    mean_parameter,
+    observation_parameters,
+)
+from pyro_sgmcmc.tree import UNSUPPORTED, batch_size, flatten, tree_map, unflatten
 
 __all__ = [
     "FunctionGaussian",
@@ -114,45 +113,18 @@ ModelFn = Callable[[Params, Any], Tensor]
 
 _METHODS = ("exact", "sampled")
 _LINK_APPROX = ("probit", "mc")
-_LIKELIHOODS = ("bernoulli", "categorical", "normal", "poisson")
 
 
 # ---------------------------------------------------------------------- helpers
-def _likelihood(likelihood: str | Likelihood, *, need_scale: bool) -> Likelihood:
-    """A :class:`Likelihood`; a Gaussian's noise must be explicit where it is added."""
-    if isinstance(likelihood, Likelihood):
-        return likelihood
-    if not isinstance(likelihood, str):
-        raise TypeError(
-            f"likelihood must be a name {_LIKELIHOODS} or a Likelihood, got {type(likelihood)}"
-        )
-    if likelihood == "normal" and need_scale:
-        raise ValueError(
-            "the normal likelihood's noise is part of the predictive: pass "
-            "Likelihood('normal', scale=s) with the noise standard deviation s "
-            "(scale=1.0 if that is what you mean)"
-        )
-    return Likelihood(likelihood)
 
 
 def _slice(x: Any, start: int, stop: int) -> Any:
-    return _tree_map(lambda t: t[start:stop], x)
+    return tree_map(lambda t: t[start:stop], x)
 
 
 def _check_chunk_size(chunk_size: int) -> None:
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-
-
-def _mean_parameter(lik: Likelihood, out: Tensor) -> Tensor:
-    """The likelihood's mean parameter: probabilities, the mean, or the rate."""
-    if lik.name == "bernoulli":
-        return torch.sigmoid(out)
-    if lik.name == "categorical":
-        return out.softmax(-1)
-    if lik.name == "poisson":
-        return out.exp()
-    return out
 
 
 # ---------------------------------------------------------------------- function space
@@ -207,7 +179,7 @@ def _jvps(f: Callable[[Params], Tensor], mean: Params, tangents: Params) -> Tens
     """``J v`` for each of the leading-dimension tangents: ``(S, *out)``."""
     try:
         return vmap(lambda v: jvp(f, (mean,), (v,))[1])(tangents)
-    except _UNSUPPORTED:  # no forward-mode or batching rule: one double-backward per draw
+    except UNSUPPORTED:  # no forward-mode or batching rule: one double-backward per draw
         keys = list(mean)
         s = next(iter(tangents.values())).shape[0]
         rows = []
@@ -294,7 +266,7 @@ def linearized_predictive(
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     _check_chunk_size(chunk_size)
     mean_params = posterior.mean
-    b = _batch_size(x)
+    b = batch_size(x)
     with torch.no_grad():
         out = fn(mean_params, x)
     if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != b:
@@ -343,8 +315,8 @@ def _exact_function_covariance(
     parts = []
     for start in range(0, b, chunk_size):
         xc = _slice(x, start, start + chunk_size)
-        jac = _per_example_jacobians(fn, mean_params, xc)
-        n = _batch_size(xc)
+        jac = per_example_jacobians(fn, mean_params, xc)
+        n = batch_size(xc)
         j = torch.cat([t.reshape(n, k, -1) for t in jac.values()], dim=-1)  # (n, K, P)
         if var is not None:
             jv = j * var
@@ -438,7 +410,7 @@ def predictive_distribution(
         >>> predictive_distribution(fg, Likelihood("normal", scale=1.0)).variance
         tensor([[9., 1.]])
     """
-    lik = _likelihood(likelihood, need_scale=True)
+    lik = as_likelihood(likelihood, need_scale=True)
     if link_approx not in _LINK_APPROX:
         raise ValueError(f"link_approx must be one of {_LINK_APPROX}, got {link_approx!r}")
     m, v = fg.mean, fg.variance
@@ -460,7 +432,7 @@ def predictive_distribution(
         return Categorical(probs=torch.softmax(kappa * m, -1))
     draws = fg.sample(num_samples, generator)
     return (Bernoulli if lik.name == "bernoulli" else Categorical)(
-        probs=_mean_parameter(lik, draws).mean(0)
+        probs=mean_parameter(lik, draws).mean(0)
     )
 
 
@@ -566,7 +538,7 @@ def mc_predictive(
                 [3.]]), tensor([2.]))
     """
     _check_chunk_size(chunk_size)
-    lik = None if likelihood is None else _likelihood(likelihood, need_scale=False)
+    lik = None if likelihood is None else as_likelihood(likelihood, need_scale=False)
     params = _stack_draws(draws, num_samples, generator)
     s = next(iter(params.values())).shape[0]
     outs = []
@@ -575,13 +547,13 @@ def mc_predictive(
             chunk = {k: v[start : start + chunk_size].detach() for k, v in params.items()}
             try:
                 outs.append(vmap(fn, in_dims=(0, None))(chunk, x))
-            except _UNSUPPORTED:
+            except UNSUPPORTED:
                 n = next(iter(chunk.values())).shape[0]
                 outs.append(
                     torch.stack([fn({k: v[i] for k, v in chunk.items()}, x) for i in range(n)])
                 )
     outputs = torch.cat(outs)
-    mean = (outputs if lik is None else _mean_parameter(lik, outputs)).mean(0)
+    mean = (outputs if lik is None else mean_parameter(lik, outputs)).mean(0)
     return MCPredictive(outputs, mean)
 
 
@@ -678,14 +650,14 @@ def decompose_uncertainty(
                 "members is a distribution: its family sets the likelihood; pass no "
                 "likelihood, variances or logits"
             )
-        values, lik, noise = _members_of(members)
+        values, lik, noise = distribution_members(members)
         return decompose_uncertainty(values, lik, variances=noise)
     if likelihood is None:
         raise ValueError(
             "pass the likelihood ('bernoulli', 'categorical', 'normal', 'poisson') that "
             "members are predictions of, or members as a torch distribution"
         )
-    lik = _likelihood(likelihood, need_scale=False)
+    lik = as_likelihood(likelihood, need_scale=False)
     if variances is not None and lik.name != "normal":
         raise ValueError(f"variances apply to normal members only, not {lik.name}")
     if not isinstance(members, Tensor) or members.dim() < 2:
@@ -751,53 +723,7 @@ def _check_probs(p: Tensor, simplex: bool) -> None:
             )
 
 
-def _members_of(d: Distribution) -> tuple[Tensor, Likelihood, Tensor | None]:
-    while isinstance(d, Independent):
-        d = d.base_dist
-    if isinstance(d, Bernoulli):
-        return d.probs, Likelihood("bernoulli"), None
-    if isinstance(d, Categorical):
-        return d.probs, Likelihood("categorical"), None
-    if isinstance(d, Normal):
-        return d.loc, Likelihood("normal"), d.scale.square()
-    if isinstance(d, Poisson):
-        return d.rate, Likelihood("poisson"), None
-    raise ValueError(
-        f"decompose_uncertainty supports Bernoulli, Categorical, Normal and Poisson "
-        f"members, got {type(d).__name__}"
-    )
-
-
 # ---------------------------------------------------------------------- Pyro models
-_PYRO_FAMILIES = "Bernoulli, Categorical, Normal, Poisson"
-
-
-def _site_parameters(fn: Distribution, site: str) -> tuple[str, tuple[Tensor, ...]]:
-    """The observation distribution's family and parameters, broadcast to its full shape."""
-    shape = fn.batch_shape + fn.event_shape
-    base = fn
-    while True:  # Independent (to_event), masks and expansions keep the base's parameters
-        if isinstance(base, Independent):
-            base = base.base_dist
-        elif hasattr(base, "base_dist") and type(base).__name__ in (
-            "MaskedDistribution",
-            "ExpandedDistribution",
-        ):
-            base = base.base_dist
-        else:
-            break
-    if isinstance(base, Bernoulli):
-        return "bernoulli", (base.probs.expand(shape),)
-    if isinstance(base, Categorical):
-        return "categorical", (base.probs.expand((*shape, base.probs.shape[-1])),)
-    if isinstance(base, Normal):
-        return "normal", (base.loc.expand(shape), base.scale.expand(shape))
-    if isinstance(base, Poisson):
-        return "poisson", (base.rate.expand(shape),)
-    raise ValueError(
-        f"site {site!r} has a {type(base).__name__} distribution; "
-        f"pyro_predictive_distributions supports {_PYRO_FAMILIES} observation sites"
-    )
 
 
 def pyro_predictive_distributions(
@@ -851,7 +777,9 @@ def pyro_predictive_distributions(
     """
     import pyro
     from pyro import poutine
-    from pyro.poutine.subsample_messenger import _Subsample
+
+    from pyro_sgmcmc.pyro_model import sample_sites as trace_sample_sites
+    from pyro_sgmcmc.pyro_model import subsampled_frames
 
     draws = _stack_draws(samples, None, None)
     num = next(iter(draws.values())).shape[0]
@@ -866,11 +794,7 @@ def pyro_predictive_distributions(
                     *args, **kwargs
                 )
             if i == 0:
-                sample_sites = {
-                    name: node
-                    for name, node in trace.nodes.items()
-                    if node["type"] == "sample" and not isinstance(node["fn"], _Subsample)
-                }
+                sample_sites = trace_sample_sites(trace)
                 if site not in sample_sites:
                     raise ValueError(
                         f"the model has no sample site {site!r}; its sample sites are "
@@ -892,14 +816,13 @@ def pyro_predictive_distributions(
                         f"samples has no draws of the latent sites {missing}: they would be "
                         "drawn from the prior; pass samples of every latent site"
                     )
-                for frame in trace.nodes[site]["cond_indep_stack"]:
-                    if frame.full_size is not None and frame.size != frame.full_size:
-                        raise ValueError(
-                            f"the model subsamples plate {frame.name!r} ({frame.size} of "
-                            f"{frame.full_size}) at site {site!r}: call it without "
-                            "subsample_size to predict every row"
-                        )
-            name, params = _site_parameters(trace.nodes[site]["fn"], site)
+                for frame in subsampled_frames(trace.nodes[site]):
+                    raise ValueError(
+                        f"the model subsamples plate {frame.name!r} ({frame.size} of "
+                        f"{frame.full_size}) at site {site!r}: call it without "
+                        "subsample_size to predict every row"
+                    )
+            name, params = observation_parameters(trace.nodes[site]["fn"], site)
             if family is None:
                 family = name
             columns.append(params)

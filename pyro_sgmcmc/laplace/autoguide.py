@@ -66,33 +66,27 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import pyro
-import pyro.distributions as dist
-import pyro.poutine as poutine
 import torch
-from pyro.distributions import constraints
-from pyro.distributions.torch_distribution import TorchDistribution
-from pyro.infer.autoguide import AutoContinuous, AutoLaplaceApproximation
+from pyro.infer.autoguide import AutoLaplaceApproximation
 from pyro.infer.autoguide.initialization import init_to_median
-from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 
-from pyro_sgmcmc.curvature import flatten, unflatten
 from pyro_sgmcmc.gaussian import DenseGaussian, DiagonalGaussian, GaussianPosterior
+from pyro_sgmcmc.laplace.chunks import first_indices, grad_leaves, log_prior_terms
+from pyro_sgmcmc.laplace.guide import GaussianPosteriorDistribution, LaplaceGuide
 from pyro_sgmcmc.laplace.marglik import log_marginal_likelihood, optimize_prior_precision
 from pyro_sgmcmc.laplace.pyro_curvature import (
     CURVATURES,
-    CurvatureResult,
-    _first_indices,
-    _leaves,
-    _log_prior_terms,
     likelihood_curvature,
     log_joint_and_grad,
     log_prior_hessian,
 )
 from pyro_sgmcmc.potential import ModelError, PyroPotential
+from pyro_sgmcmc.pyro_model import subsampling_plate
+from pyro_sgmcmc.tree import flatten, unflatten
 
 __all__ = [
+    "LAPLACE_FIX",
     "AutoDenseLaplace",
     "AutoDiagonalLaplace",
     "AutoLaplace",
@@ -106,184 +100,6 @@ _MARGLIK = ("marglik", "marglik_per_site")
 
 class LaplaceError(ValueError):
     """The Laplace approximation cannot be formed; the message says what to change."""
-
-
-class GaussianPosteriorDistribution(TorchDistribution):
-    r"""Any :class:`~pyro_sgmcmc.gaussian.GaussianPosterior` as a Pyro distribution over
-    the flat vector (event shape ``(P,)``), e.g. a K-FAC posterior.
-
-    Draws are :math:`\mu + L^{-\top} z` through the posterior's own factorisation, so no
-    dense :math:`P \times P` matrix is formed.
-
-    Args:
-        posterior: the Gaussian.
-
-    Examples:
-        >>> q = DiagonalGaussian({"w": torch.zeros(2)}, {"w": torch.tensor([4.0, 1.0])})
-        >>> d = GaussianPosteriorDistribution(q)
-        >>> d.sample((5,)).shape, d.variance
-        (torch.Size([5, 2]), tensor([0.2500, 1.0000]))
-    """
-
-    arg_constraints: dict = {}
-    support = constraints.real_vector
-    has_rsample = True
-
-    def __init__(self, posterior: GaussianPosterior, validate_args: bool | None = None) -> None:
-        self.posterior = posterior
-        self._loc = flatten(posterior.mean)
-        super().__init__(torch.Size(), self._loc.shape, validate_args=validate_args)
-
-    @property
-    def mean(self) -> Tensor:
-        return self._loc
-
-    @property
-    def variance(self) -> Tensor:
-        return flatten(self.posterior.variance())
-
-    def rsample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
-        shape = torch.Size(sample_shape) + self._loc.shape
-        z = torch.randn(shape, dtype=self._loc.dtype, device=self._loc.device)
-        flat = self.posterior._whitened_to_flat(z.reshape(-1, self._loc.numel()))
-        return self._loc + flat.reshape(shape)
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        delta = value - self._loc
-        p = self._loc.numel()
-        return 0.5 * (
-            self.posterior.log_det_precision() - self.posterior._mahalanobis(delta)
-        ) - 0.5 * p * math.log(2 * math.pi)
-
-
-class LaplaceGuide(AutoContinuous):
-    r"""A fixed Gaussian guide over the flat unconstrained latents (not trained by SVI).
-
-    Returned by :meth:`AutoLaplace.laplace_approximation`; usable wherever an
-    ``AutoContinuous`` guide is (``median``, ``quantiles``, ``get_posterior``,
-    ``Predictive``). Its loc is a buffer, so it registers no Pyro parameters.
-
-    Args:
-        model: the Pyro model.
-        posterior: the Gaussian over the unconstrained latents (flat dict in model
-            order, each site shaped like its unconstrained value).
-        curvature: the likelihood curvature it was built from (a
-            :class:`~pyro_sgmcmc.laplace.pyro_curvature.CurvatureResult`).
-        prior_precision: the Normal prior precision :math:`\delta` that replaced the
-            model's prior, or ``None`` when the model's own prior Hessian was used.
-        log_marginal_likelihood: the Laplace estimate of :math:`\log p(y)`.
-        temperature: the temperature :math:`T` of :attr:`posterior`.
-
-    Attributes:
-        posterior: the :class:`~pyro_sgmcmc.gaussian.GaussianPosterior`.
-        curvature: as above.
-        prior_precision: as above.
-        log_marginal_likelihood: as above.
-        temperature: as above.
-    """
-
-    def __init__(
-        self,
-        model: Callable,
-        posterior: GaussianPosterior,
-        *,
-        curvature: CurvatureResult | None = None,
-        prior_precision: Tensor | dict[str, Tensor] | None = None,
-        log_marginal_likelihood: Tensor | None = None,
-        temperature: float = 1.0,
-    ) -> None:
-        super().__init__(model)
-        self.posterior = posterior
-        self.curvature = curvature
-        self.prior_precision = prior_precision
-        self.log_marginal_likelihood = log_marginal_likelihood
-        self.temperature = temperature
-        self.register_buffer("loc", flatten(posterior.mean).detach())
-        self._posterior_dist: TorchDistribution | None = None
-
-    def _copy_prototype(self, other: AutoContinuous) -> None:
-        for attr in (
-            "prototype_trace",
-            "_prototype_frames",
-            "_unconstrained_shapes",
-            "_cond_indep_stacks",
-            "latent_dim",
-        ):
-            setattr(self, attr, getattr(other, attr))
-
-    def get_posterior(self, *args: Any, **kwargs: Any) -> TorchDistribution:
-        """The Gaussian over the flat unconstrained latents, as a Pyro distribution."""
-        if self._posterior_dist is None:
-            q = self.posterior
-            if isinstance(q, DiagonalGaussian):
-                d = dist.Normal(self.loc, flatten(q.stddev())).to_event(1)
-            elif isinstance(q, DenseGaussian):
-                tril = torch.distributions.MultivariateNormal(
-                    self.loc, precision_matrix=q.precision_matrix()
-                ).scale_tril
-                d = dist.MultivariateNormal(self.loc, scale_tril=tril)
-            else:
-                d = GaussianPosteriorDistribution(q)
-            self._posterior_dist = d
-        return self._posterior_dist
-
-    def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        return self.loc, flatten(self.posterior.stddev())
-
-    def tempered(self, temperature: float) -> LaplaceGuide:
-        r"""The guide for :math:`q^{1/T}`: the precision divided by ``temperature``
-        (relative to this guide's own temperature, which it multiplies)."""
-        guide = LaplaceGuide(
-            self.model,
-            self.posterior.tempered(temperature),
-            curvature=self.curvature,
-            prior_precision=self.prior_precision,
-            log_marginal_likelihood=self.log_marginal_likelihood,
-            temperature=self.temperature * temperature,
-        )
-        guide._copy_prototype(self)
-        return guide
-
-    def site_supports(self) -> dict[str, Any]:
-        """Each latent site's support (a ``constraints`` object), in model order."""
-        return {
-            name: site["fn"].support for name, site in self.prototype_trace.iter_stochastic_nodes()
-        }
-
-    def site_event_dims(self) -> dict[str, int]:
-        """Each latent site's event dimension in the model, in model order."""
-        return {
-            name: site["fn"].event_dim
-            for name, site in self.prototype_trace.iter_stochastic_nodes()
-        }
-
-    def prior(self):
-        """This posterior as the next episode's prior: see
-        :func:`pyro_sgmcmc.continual.prior_from_posterior`."""
-        from pyro_sgmcmc.continual import prior_from_posterior
-
-        return prior_from_posterior(self)
-
-
-def _plate_subsample(model: Callable, args: tuple, kwargs: dict, plate: str | None):
-    """``(name, size)`` of a plate that subsamples itself in the model (else None)."""
-    with pyro.validation_enabled(False):
-        tr = poutine.trace(model).get_trace(*args, **kwargs)
-    found = [
-        (name, site["fn"].subsample_size)
-        for name, site in tr.nodes.items()
-        if site["type"] == "sample"
-        and isinstance(site["fn"], _Subsample)
-        and site["fn"].subsample_size is not None
-        and site["fn"].subsample_size < site["fn"].size
-        and (plate is None or name == plate)
-    ]
-    if len(found) > 1:
-        raise ModelError(
-            f"several plates subsample ({[n for n, _ in found]}): name the data plate "
-            "with plate='...'"
-        )
-    return found[0] if found else None
 
 
 class AutoLaplace(AutoLaplaceApproximation):
@@ -384,7 +200,7 @@ class AutoLaplace(AutoLaplaceApproximation):
 
     def _potential(self, args: tuple, kwargs: dict) -> PyroPotential:
         model = self._raw_model[0]
-        sub = _plate_subsample(model, args, kwargs, self.plate)
+        sub = subsampling_plate(model, args, kwargs, self.plate)
         if sub is not None:
             pot = PyroPotential(model, args, kwargs, plate=sub[0], subsample_size=sub[1])
         else:
@@ -439,14 +255,14 @@ class AutoLaplace(AutoLaplaceApproximation):
             if bad:
                 raise LaplaceError(
                     f"the Laplace precision is not positive at the MAP (non-positive entries "
-                    f"per site: {bad}). {_FIX}"
+                    f"per site: {bad}). {LAPLACE_FIX}"
                 )
             return DiagonalGaussian(phi, prec)
         try:
             return DenseGaussian(phi, (curvature + prior) / temperature)
         except ValueError as e:
             raise LaplaceError(
-                f"the Laplace precision is not positive definite at the MAP. {_FIX}"
+                f"the Laplace precision is not positive definite at the MAP. {LAPLACE_FIX}"
             ) from e
 
     def _newton(self, pot: PyroPotential, phi: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -546,14 +362,15 @@ class AutoLaplace(AutoLaplaceApproximation):
         untempered = posterior.log_det_precision() + posterior.num_params * math.log(
             self.temperature
         )
-        leaves = _leaves(phi)
-        trace = pot._trace(leaves, _first_indices(pot, flatten(phi).device))
-        log_prior = _log_prior_terms(pot, leaves, trace).detach()
+        leaves = grad_leaves(phi)
+        trace = pot._trace(leaves, first_indices(pot, flatten(phi).device))
+        log_prior = log_prior_terms(pot, leaves, trace).detach()
         p = posterior.num_params
         return res.log_likelihood + log_prior + 0.5 * p * math.log(2 * math.pi) - 0.5 * untempered
 
 
-_FIX = (
+#: What to try when the Laplace precision is not positive definite (for error messages).
+LAPLACE_FIX = (
     "Check that SVI converged to a mode of the log joint (train longer, or use "
     "newton_steps=...), use curvature='ggn' (positive semi-definite) rather than "
     "'hessian', or set prior_precision=... (a Normal(0, 1/delta) prior on the "
@@ -579,7 +396,7 @@ def _damped_solve(lam: Tensor, g: Tensor) -> Tensor:
             if int(info) == 0:
                 return torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
         mu = 1e-6 * scale if mu == 0.0 else 10.0 * mu
-    raise LaplaceError(f"a Newton step found no positive definite damping. {_FIX}")
+    raise LaplaceError(f"a Newton step found no positive definite damping. {LAPLACE_FIX}")
 
 
 def _check_prior_precision(value: Any) -> None:

@@ -66,7 +66,6 @@ from torch import Tensor, nn
 
 from pyro_sgmcmc.curvature import (
     Likelihood,
-    _as_likelihood,
     accumulate_ef,
     accumulate_ggn,
     accumulate_mc_fisher,
@@ -77,7 +76,8 @@ from pyro_sgmcmc.curvature import (
     per_example_grads,
 )
 from pyro_sgmcmc.gaussian import DenseGaussian, DiagonalGaussian, GaussianPosterior
-from pyro_sgmcmc.laplace.kfac import KFACBlock, KFACGaussian, PriorPrecision
+from pyro_sgmcmc.gaussian.kronecker import KFACBlock, KFACGaussian, PriorPrecision
+from pyro_sgmcmc.likelihoods import as_likelihood
 
 __all__ = ["module_laplace"]
 
@@ -249,7 +249,7 @@ def module_laplace(
             f"{sorted(set(mean) - set(prior_precision))}, unknown "
             f"{sorted(set(prior_precision) - set(mean))}"
         )
-    lik = _as_likelihood(likelihood)
+    lik = as_likelihood(likelihood)
     curv = _Curvature(module, loader, lik, curvature, num_samples, generator, output_transform)
 
     if structure == "diag":
