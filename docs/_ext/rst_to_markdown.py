@@ -3,7 +3,7 @@
 The docstrings are Google style (parsed by mkdocstrings), with Sphinx's math and
 cross-reference syntax inside. This extension rewrites, before rendering:
 
-* ``.. math::`` blocks into ``$$ ... $$`` (pymdownx.arithmatex, MathJax); blocks with
+* ``.. math::`` blocks into ``$$ ... $$`` (pymdownx.arithmatex, KaTeX); blocks with
   ``&`` alignment markers are wrapped in ``aligned``, as Sphinx wraps them in ``split``;
 * ``text::`` before a literal block into ``text:`` (the block is indented code already);
 * ``:math:`x``` into ``\\(x\\)``;
@@ -64,6 +64,11 @@ def _math_blocks(text: str) -> str:
         content = [line[strip:] for line in content]
         if any("&" in line for line in content):
             content = ["\\begin{aligned}", *content, "\\end{aligned}"]
+        # mdx_truly_sane_lists (nested_indent: 2) dedents a list item's blocks by 2 per
+        # level, and arithmatex takes a `$$` block only from column 0 after that: the
+        # 3-space indent under a `1. ` item would leave raw `$$` in a paragraph.
+        if indent.strip(" ") == "" and base % 2:
+            indent = indent[:-1]
         out.append(f"{indent}$$")
         out.extend(f"{indent}{line}" for line in content)
         out.append(f"{indent}$$")
