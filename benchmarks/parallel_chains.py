@@ -41,7 +41,6 @@ import json
 import time
 import warnings
 
-import arviz as az
 import numpy as np
 import pyro
 import pyro.infer.mcmc.hmc
@@ -54,6 +53,7 @@ from pyro.infer.autoguide.initialization import init_to_value
 from pyro_sgmcmc import MCMC as VectorMCMC
 from pyro_sgmcmc import PyroPotential, SGHMCKernel
 from pyro_sgmcmc.datasets import load_pima, logistic_regression_model
+from pyro_sgmcmc.diagnostics.ess import min_bulk_ess
 from pyro_sgmcmc.diagnostics.ksd import ksd, potential_score
 
 BATCH = 32
@@ -94,12 +94,6 @@ def jsonable(obj):
 
 
 # ----------------------------------------------------------------------------- helpers
-def min_bulk_ess(draws: torch.Tensor) -> float:
-    """Smallest bulk ESS over coordinates of one chain of draws (num_draws, dim)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ess = [az.ess(draws[None, :, i].numpy(), method="bulk") for i in range(draws.shape[1])]
-    return float(np.min(ess))
 
 
 @contextlib.contextmanager

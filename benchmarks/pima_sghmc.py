@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
 
-import arviz as az
-import numpy as np
 import pyro
 import torch
 import torch.nn.functional as F
@@ -29,14 +26,7 @@ from pyro.infer import MCMC, NUTS
 
 from pyro_sgmcmc import SGHMCKernel
 from pyro_sgmcmc.datasets import load_pima, logistic_regression_model
-
-
-def min_bulk_ess(draws: torch.Tensor) -> float:
-    """Smallest bulk ESS over coordinates of one chain of draws (num_draws, dim)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ess = [az.ess(draws[None, :, i].numpy(), method="bulk") for i in range(draws.shape[1])]
-    return float(np.min(ess))
+from pyro_sgmcmc.diagnostics.ess import min_bulk_ess
 
 
 def run_nuts(data, warmup: int, samples: int, seed: int):

@@ -1,4 +1,4 @@
-"""The ``pyro-sgmcmc`` command.
+"""The ``pyro-sgmcmc`` command: a thin, fast front to :mod:`pyro_sgmcmc.experiments`.
 
 ``pyro-sgmcmc pima`` reproduces the seed paper's Table 3 on the bundled Pima data (768
 rows, 8 standardised covariates, prior N(0, I), no intercept): Pyro's NUTS (the
@@ -13,225 +13,42 @@ marginals figure (the seed's Figure 11) and the serial SGHMC trace plot to ``--o
 ``pyro-sgmcmc double-well`` reproduces the seed's Figure 2: a deep ensemble, a serial
 SGHMC chain and parallel SGHMC on a 2-D double well, with their KSDs.
 
-The experiments themselves live in :mod:`pyro_sgmcmc.experiments`.
+This module only parses arguments: each subcommand runs the ``main(args)`` of its
+experiment module, imported when it runs (so ``--help`` loads neither torch nor Pyro).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
-import pyro
-import torch
+from pyro_sgmcmc.experiments import PIMA_GROUPS
 
-from pyro_sgmcmc import experiments as ex
-from pyro_sgmcmc.datasets import load_pima
-from pyro_sgmcmc.diagnostics import plots
+__all__ = ["build_parser", "main"]
 
 
-@dataclass
-class RunResult:
-    """Draws of one method and what they cost."""
-
-    name: str
-    draws: torch.Tensor  # (num_draws, dim)
-    seconds: float
-    steps: int
-
-    @property
-    def min_ess(self) -> float:
-        """Smallest bulk ESS over the coordinates (NaN with fewer than 4 draws)."""
-        return ex.min_bulk_ess(self.draws)
-
-
-def format_comparison(names: Sequence[str], reference: RunResult, other: RunResult) -> str:
-    """A per-coefficient table of both posteriors and a summary of cost and quality."""
-    ref_mean, ref_sd = reference.draws.mean(0), reference.draws.std(0)
-    mean, sd = other.draws.mean(0), other.draws.std(0)
-    err = (mean - ref_mean) / ref_sd
-    ratio = sd / ref_sd
-    width = max(len(n) for n in names)
-    lines = [
-        f"{'':{width}}  {reference.name:^19}  {other.name:^19}  {'mean diff':>9}  {'sd':>6}",
-        f"{'coefficient':{width}}  {'mean':>9} {'sd':>9}  {'mean':>9} {'sd':>9}  "
-        f"{'(ref sd)':>9}  {'ratio':>6}",
-    ]
-    for i, n in enumerate(names):
-        lines.append(
-            f"{n:{width}}  {ref_mean[i]:9.4f} {ref_sd[i]:9.4f}  {mean[i]:9.4f} {sd[i]:9.4f}  "
-            f"{err[i]:+9.3f}  {ratio[i]:6.3f}"
-        )
-    lines += [
-        "",
-        f"largest |mean diff|: {err.abs().max():.3f} ref sd;  sd ratio: "
-        f"{ratio.min():.3f} to {ratio.max():.3f}",
-    ]
-    for r in (reference, other):
-        ess = r.min_ess
-        lines.append(
-            f"{r.name:>19}: {r.seconds:7.2f} s, {r.steps} steps "
-            f"({r.seconds / r.steps * 1e6:.0f} us/step), min bulk ESS {ess:.0f}, "
-            f"{ess / r.seconds:.1f} ESS/s"
-        )
-    lines.append(
-        f"wall-time ratio {other.name} / {reference.name}: {other.seconds / reference.seconds:.2f}"
-    )
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------ pima
-#: --quick settings (the whole command in well under a minute on 2 cores).
-PIMA_QUICK = {
-    "nuts_warmup": 300,
-    "nuts_samples": 1000,
-    "warmup": 1000,
-    "steps": 3000,
-    "thinning": 3,
-    "chains": 1000,
-    "parallel_warmup": 300,
-    "parallel_steps": 100,
-    "gaussian_steps": 1000,
-    "draws": 1000,
-}
+def __getattr__(name: str) -> Any:
+    # The comparison helpers live in the experiments' report module (loaded on use).
+    if name in ("RunResult", "format_comparison"):
+        return getattr(importlib.import_module("pyro_sgmcmc.experiments.report"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _method_groups(text: str) -> tuple[str, ...]:
     """``--methods``: ``all`` or a comma-separated list of :data:`PIMA_GROUPS`."""
     if text.strip() == "all":
-        return ex.PIMA_GROUPS
+        return PIMA_GROUPS
     groups = tuple(g.strip() for g in text.split(",") if g.strip())
-    unknown = [g for g in groups if g not in ex.PIMA_GROUPS]
+    unknown = [g for g in groups if g not in PIMA_GROUPS]
     if unknown or not groups:
         raise argparse.ArgumentTypeError(
             f"unknown method groups {unknown}: give 'all' or a comma-separated list of "
-            f"{', '.join(ex.PIMA_GROUPS)}"
+            f"{', '.join(PIMA_GROUPS)}"
         )
     return groups
-
-
-def cmd_pima(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    settings = {k: getattr(args, k) for k in PIMA_QUICK}
-    if args.quick:
-        settings.update(PIMA_QUICK)
-    num_draws = settings.pop("draws")
-    data = load_pima()
-    out = ex.ensure_dir(args.out)
-    progress = not args.no_progress
-    start = time.perf_counter()
-    print(
-        f"Pima Indians diabetes: {len(data.y)} rows, {data.X.shape[1]} standardised "
-        "covariates, prior N(0, I), Bernoulli-logit likelihood",
-        flush=True,
-    )
-    runs = ex.run_pima(
-        data,
-        methods=args.methods,
-        gaussian_draws=num_draws,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        jit=not args.no_jit,
-        progress=progress,
-        log=lambda msg: print(msg, flush=True),
-        **settings,
-    )
-    num_draws = min(num_draws, *(r.draws.shape[0] for r in runs))
-    rows = ex.pima_table(runs, data, num_draws)
-    nuts = runs[0]
-    sghmc = next((r for r in runs if r.name == f"SGHMC (batch {args.batch_size})"), None)
-    compare = sghmc or (runs[1] if len(runs) > 1 else None)
-    if compare is not None:
-        print()
-        print(f"Per coefficient, {nuts.name} vs {compare.name}:")
-        print(
-            format_comparison(
-                data.feature_names,
-                RunResult(nuts.name, nuts.draws, nuts.seconds, nuts.steps),
-                RunResult(compare.name, compare.draws, compare.seconds, compare.steps),
-            )
-        )
-    print()
-    print(
-        f"Table 3 (seed paper), Pima, seed {args.seed}: KSD with the true score on {num_draws} "
-        "evenly thinned draws per method (bandwidth 1); min bulk ESS/s over all retained "
-        "draws, wall time with warm-up; max|mean err| in NUTS posterior sds "
-        f"({nuts.draws.shape[0]} NUTS draws)."
-    )
-    print(ex.format_table(rows))
-    level = ex.pima_iid_ksd_level(data, nuts.draws, num_draws)
-    print(
-        f"({num_draws} exact independent draws give a KSD of about {level:.2f} on average, RBF "
-        "and IMQ alike: rows near that level are at the statistic's resolution.)"
-    )
-    meta = {
-        "seed": args.seed,
-        "quick": args.quick,
-        "batch_size": args.batch_size,
-        "ksd_draws": num_draws,
-        "ksd_bandwidth": 1.0,
-        "ksd_iid_level": level,
-        "jit": not args.no_jit,
-        "threads": args.threads,
-        **settings,
-    }
-    paths = ex.write_rows(rows, os.path.join(out, "pima_table"), meta)
-    fig = ex.plot_marginals(
-        runs,
-        data.feature_names,
-        os.path.join(out, "pima_marginals.png"),
-        title="Pima logistic regression: posterior marginals, each method vs Pyro NUTS",
-    )
-    written = [*paths, fig]
-    if sghmc is not None:
-        written.append(os.path.join(out, "pima_trace.png"))
-        plots.close(plots.plot_trace({"w": sghmc.draws[None]}, path=written[-1]))
-    print(f"\nwrote {', '.join(written)}")
-    print(f"total {time.perf_counter() - start:.0f} s")
-    return 0
-
-
-# ------------------------------------------------------------------------------ double well
-DOUBLE_WELL_QUICK = {"chains": 1000, "warmup": 1000, "steps": 500}
-
-
-def cmd_double_well(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    settings = {k: getattr(args, k) for k in DOUBLE_WELL_QUICK}
-    if args.quick:
-        settings.update(DOUBLE_WELL_QUICK)
-    out = ex.ensure_dir(args.out)
-    start = time.perf_counter()
-    print(
-        f"Double well: target exp(-U), U(x) = {args.barrier:g} (x1^2 - 1)^2 + x2^2 / 2 "
-        f"(modes (+-1, 0), barrier {args.barrier:g})",
-        flush=True,
-    )
-    pyro.set_rng_seed(args.seed)
-    draws, results = ex.run_double_well(
-        barrier=args.barrier,
-        step_size=args.step_size,
-        alpha=args.alpha,
-        seed=args.seed,
-        progress=not args.no_progress,
-        log=lambda msg: print(msg, flush=True),
-        **settings,
-    )
-    print()
-    print(
-        "KSD with the exact score -grad U (bandwidth 1); 'in x1>0': fraction of draws in the "
-        "right-hand well (exact: 0.5); sd x1|mode: spread about each well's mean."
-    )
-    print(ex.format_double_well(results))
-    meta = {"seed": args.seed, "quick": args.quick, "barrier": args.barrier, **settings}
-    paths = ex.write_rows(results, os.path.join(out, "double_well"), meta)
-    fig = ex.plot_double_well(draws, args.barrier, os.path.join(out, "double_well.png"))
-    print(f"\nwrote {', '.join([*paths, fig])}")
-    print(f"total {time.perf_counter() - start:.0f} s")
-    return 0
 
 
 # ------------------------------------------------------------------------------ parser
@@ -264,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     pima.add_argument(
         "--methods",
         type=_method_groups,
-        default=ex.PIMA_GROUPS,
+        default=PIMA_GROUPS,
         help="'all' (default) or a comma-separated list of "
-        f"{', '.join(ex.PIMA_GROUPS)} (NUTS, the reference, always runs)",
+        f"{', '.join(PIMA_GROUPS)} (NUTS, the reference, always runs)",
     )
     pima.add_argument(
         "--gaussian-steps", type=int, default=3000, help="SVI steps of the Laplace MAP and of VI"
@@ -276,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     pima.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest for this small model)"
     )
-    pima.set_defaults(func=cmd_pima)
+    pima.set_defaults(experiment="pima")
 
     dw = sub.add_parser(
         "double-well",
@@ -296,13 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     dw.add_argument("--alpha", type=float, default=10.0, help="SGHMC friction")
     dw.add_argument("--no-progress", action="store_true", help="hide progress bars")
     dw.add_argument("--threads", type=int, default=1, help="torch threads")
-    dw.set_defaults(func=cmd_double_well)
+    dw.set_defaults(experiment="double_well")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    experiment = importlib.import_module(f"pyro_sgmcmc.experiments.{args.experiment}")
+    return experiment.main(args)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def _is_mcmc(obj: Any) -> bool:
     return hasattr(obj, "get_samples") and not isinstance(obj, Mapping)
 
 
-def _grouped_samples(mcmc_or_samples: Any) -> dict[str, np.ndarray]:
+def grouped_samples(mcmc_or_samples: Any) -> dict[str, np.ndarray]:
     """``{site: (chains, draws, ...)}`` as numpy arrays, checked for a common layout."""
     if _is_mcmc(mcmc_or_samples):
         samples = mcmc_or_samples.get_samples(group_by_chain=True)
@@ -173,7 +173,7 @@ def to_inference_data(
         >>> idata.posterior["w"].shape, int(idata.sample_stats["diverging"].sum())
         ((2, 100, 3), 1)
     """
-    posterior = _grouped_samples(mcmc_or_samples)
+    posterior = grouped_samples(mcmc_or_samples)
     if divergences is None and _is_mcmc(mcmc_or_samples):
         divergences = _mcmc_divergences(mcmc_or_samples)
     return _inference_data(posterior, divergences, coords, dims)
@@ -263,7 +263,8 @@ def nested_rhat(draws: Any, num_superchains: int) -> float | np.ndarray:
 
 
 # ------------------------------------------------------------------------------ report
-def _coordinate_names(name: str, shape: tuple[int, ...]) -> list[str]:
+def coordinate_names(name: str, shape: tuple[int, ...]) -> list[str]:
+    """One label per scalar coordinate of a site: ``name`` or ``name[i,j]``."""
     if not shape:
         return [name]
     return [f"{name}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
@@ -418,7 +419,7 @@ def report(
         >>> bool(rep.table.loc["mu", "r_hat"] < 1.05), rep.ksd < 0.2
         (True, True)
     """
-    samples = _grouped_samples(mcmc_or_samples)  # in the run's dtype, for the score
+    samples = grouped_samples(mcmc_or_samples)  # in the run's dtype, for the score
     if divergences is None and _is_mcmc(mcmc_or_samples):
         divergences = _mcmc_divergences(mcmc_or_samples)
     idata = _inference_data(samples, divergences, None, None)
@@ -458,7 +459,7 @@ def report(
                     diff_sds=(cols["mean"] - ref_mean) / ref_sd,
                     sd_ratio=cols["sd"] / ref_sd,
                 )
-        index += _coordinate_names(name, shape)
+        index += coordinate_names(name, shape)
         rows.append(pd.DataFrame(cols))
     table = pd.concat(rows, ignore_index=True)
     table.index = index

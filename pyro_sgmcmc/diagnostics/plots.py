@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pyro_sgmcmc.diagnostics.arviz import _coordinate_names, _grouped_samples
+from pyro_sgmcmc.diagnostics.arviz import coordinate_names, grouped_samples
 
 __all__ = ["close", "kde", "plot_marginals", "plot_trace"]
 
@@ -87,7 +87,7 @@ def plot_trace(
     Returns:
         The ``matplotlib.figure.Figure``.
     """
-    samples = _grouped_samples(mcmc_or_samples)
+    samples = grouped_samples(mcmc_or_samples)
     names = sorted(samples) if sites is None else list(sites)
     series = []
     for name in names:
@@ -95,7 +95,7 @@ def plot_trace(
             raise KeyError(f"no site {name!r}; the samples have {sorted(samples)}")
         value = samples[name]
         flat = value.reshape(*value.shape[:2], -1)
-        for j, label in enumerate(_coordinate_names(name, value.shape[2:])):
+        for j, label in enumerate(coordinate_names(name, value.shape[2:])):
             series.append((label, flat[..., j]))
     series = series[:max_coords]
     plt = _pyplot()

@@ -1,0 +1,71 @@
+r"""The experiments behind the ``pyro-sgmcmc`` command: runs, tables and figures.
+
+One module per experiment, each with a ``main(args)`` that the command calls:
+
+* :mod:`~pyro_sgmcmc.experiments.pima` (the seed paper's Table 3 and Figure 11):
+  Bayesian logistic regression on the bundled Pima data, NUTS against the package's
+  samplers and Gaussian approximations.
+* :mod:`~pyro_sgmcmc.experiments.double_well` (the seed paper's Figure 2): a deep
+  ensemble, a serial SGHMC chain and parallel SGHMC on a 2-D double well.
+* :mod:`~pyro_sgmcmc.experiments.report`: what they share (result records, thinning,
+  ESS, timing, CSV/JSON writing, aligned tables, figures).
+
+This package is a leaf: nothing in the library imports it. Importing it is cheap; the
+names of the modules above are loaded on first use (``from pyro_sgmcmc.experiments
+import run_pima`` works as before).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: The method groups of the Pima table, for ``run_pima(methods=...)`` and the
+#: command's ``--methods`` (here, free of imports, so that ``--help`` stays fast).
+PIMA_GROUPS = ("sgmcmc", "parallel", "laplace", "vi", "ekf")
+
+_MODULES = {
+    "report": (
+        "MethodRun",
+        "RunResult",
+        "TableRow",
+        "ensure_dir",
+        "format_columns",
+        "format_comparison",
+        "format_table",
+        "iid_ksd_level",
+        "min_bulk_ess",
+        "plot_marginals",
+        "thin_to",
+        "write_rows",
+    ),
+    "pima": ("PIMA_QUICK", "PIMA_SERIAL", "pima_iid_ksd_level", "pima_table", "run_pima"),
+    "double_well": (
+        "DOUBLE_WELL_QUICK",
+        "DoubleWellResult",
+        "double_well_model",
+        "double_well_potential",
+        "double_well_score",
+        "exact_double_well_draws",
+        "format_double_well",
+        "plot_double_well",
+        "run_double_well",
+    ),
+}
+_HOME = {name: module for module, names in _MODULES.items() for name in names}
+
+__all__ = ["PIMA_GROUPS", "double_well", "pima", "report", *sorted(_HOME)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _HOME:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
