@@ -8,7 +8,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from pyro_sgmcmc.curvature.layers import KFAC_LAYERS, VARIANTS, backprop, layer_inputs, layer_passes
+from pyro_sgmcmc.curvature.layers import (
+    KFAC_LAYERS,
+    backprop,
+    check_variant,
+    layer_inputs,
+    layer_passes,
+)
 from pyro_sgmcmc.likelihoods import Likelihood, as_likelihood
 from pyro_sgmcmc.tree import (
     tree_add,
@@ -138,10 +144,7 @@ def kfac_factors(
         {'0': ((4, 4), (4, 4)), '2': ((5, 5), (2, 2))}
     """
     lik = as_likelihood(likelihood)
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if variant == "mc" and num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+    check_variant(variant, num_samples)
     layers = {
         name: m
         for name, m in module.named_modules()

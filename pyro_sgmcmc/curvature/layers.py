@@ -21,6 +21,7 @@ from pyro_sgmcmc.tree import (
 )
 
 __all__ = [
+    "check_variant",
     "KFAC_LAYERS",
     "VARIANTS",
     "backprop",
@@ -31,6 +32,14 @@ __all__ = [
 
 KFAC_LAYERS = (nn.Linear, nn.Conv2d)
 VARIANTS = ("ef", "ggn", "mc")
+
+
+def check_variant(variant: str, num_samples: int) -> None:
+    """Refuse an unknown ``variant`` and, for ``"mc"``, a non-positive ``num_samples``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "mc" and num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
 
 
 def conv_patches(layer: nn.Conv2d, inp: Tensor) -> Tensor:

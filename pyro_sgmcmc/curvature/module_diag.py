@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pyro_sgmcmc.curvature.layers import KFAC_LAYERS, VARIANTS, backprop, conv_patches, layer_passes
+from pyro_sgmcmc.curvature.layers import (
+    KFAC_LAYERS,
+    backprop,
+    check_variant,
+    conv_patches,
+    layer_passes,
+)
 from pyro_sgmcmc.likelihoods import Likelihood, as_likelihood
 from pyro_sgmcmc.tree import (
     Params,
@@ -172,10 +178,7 @@ def module_diag_ggn(
         True
     """
     lik = as_likelihood(likelihood)
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if variant == "mc" and num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+    check_variant(variant, num_samples)
     if max_columns is not None and max_columns < 1:
         raise ValueError(f"max_columns must be a positive integer, got {max_columns}")
     if parameters is not None:

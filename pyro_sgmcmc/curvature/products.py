@@ -29,6 +29,19 @@ __all__ = ["fvp", "ggnvp", "hvp", "jvp_vjp"]
 _MODES = ("auto", "forward", "reverse")
 
 
+def _forward_first(mode: str, forward: Callable[[], Params]) -> Params | None:
+    """``forward()`` unless ``mode`` is ``"reverse"``; ``None`` (use reverse mode) when an
+    operation has no forward-mode rule and ``mode`` is ``"auto"``."""
+    if mode == "reverse":
+        return None
+    try:
+        return forward()
+    except UNSUPPORTED:
+        if mode == "forward":
+            raise
+        return None
+
+
 def _check_mode(mode: str) -> None:
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -58,12 +71,9 @@ def hvp(f: Callable[[Params], Tensor], params: Params, v: Params, *, mode: str =
     check_like(v, params, "v")
     _check_mode(mode)
     params, v = detached(params), detached(v)
-    if mode != "reverse":
-        try:
-            return dict(jvp(grad(f), (params,), (v,))[1])
-        except UNSUPPORTED:
-            if mode == "forward":
-                raise
+    forward = _forward_first(mode, lambda: dict(jvp(grad(f), (params,), (v,))[1]))
+    if forward is not None:
+        return forward
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
     with torch.enable_grad():
         out = f(leaves)
@@ -89,14 +99,15 @@ def jvp_vjp(
     check_like(v, params, "v")
     _check_mode(mode)
     params, v = detached(params), detached(v)
-    if mode != "reverse":
-        try:
-            out, jv = jvp(f, (params,), (v,))
-            _, vjp_fn = vjp(f, params)
-            return dict(vjp_fn(middle(out, jv))[0])
-        except UNSUPPORTED:
-            if mode == "forward":
-                raise
+
+    def forward_mode() -> Params:
+        out, jv = jvp(f, (params,), (v,))
+        _, vjp_fn = vjp(f, params)
+        return dict(vjp_fn(middle(out, jv))[0])
+
+    forward = _forward_first(mode, forward_mode)
+    if forward is not None:
+        return forward
     # Reverse only: J v is the gradient wrt u of u^T-weighted vjp (the double-vjp trick).
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
     with torch.enable_grad():

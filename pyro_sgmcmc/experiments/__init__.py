@@ -24,46 +24,21 @@ from typing import Any
 #: command's ``--methods`` (here, free of imports, so that ``--help`` stays fast).
 PIMA_GROUPS = ("sgmcmc", "parallel", "laplace", "vi", "ekf")
 
-_MODULES = {
-    "report": (
-        "MethodRun",
-        "RunResult",
-        "TableRow",
-        "ensure_dir",
-        "format_columns",
-        "format_comparison",
-        "format_table",
-        "iid_ksd_level",
-        "min_bulk_ess",
-        "plot_marginals",
-        "thin_to",
-        "write_rows",
-    ),
-    "pima": ("PIMA_QUICK", "PIMA_SERIAL", "pima_iid_ksd_level", "pima_table", "run_pima"),
-    "double_well": (
-        "DOUBLE_WELL_QUICK",
-        "DoubleWellResult",
-        "double_well_model",
-        "double_well_potential",
-        "double_well_score",
-        "exact_double_well_draws",
-        "format_double_well",
-        "plot_double_well",
-        "run_double_well",
-    ),
-}
-_HOME = {name: module for module, names in _MODULES.items() for name in names}
+#: The modules, in the order a name is looked up in their ``__all__``.
+_MODULES = ("report", "pima", "double_well")
 
-__all__ = ["PIMA_GROUPS", "double_well", "pima", "report", *sorted(_HOME)]
+__all__ = ["PIMA_GROUPS", "double_well", "pima", "report"]
 
 
 def __getattr__(name: str) -> Any:
     if name in _MODULES:
         return importlib.import_module(f"{__name__}.{name}")
-    if name in _HOME:
-        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-        globals()[name] = value
-        return value
+    for module_name in _MODULES:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        if name in module.__all__:
+            value = getattr(module, name)
+            globals()[name] = value
+            return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
