@@ -1,122 +1,34 @@
-r"""Online Gaussian posteriors: the extended Kalman filter over static parameters.
-
-The parameters :math:`\theta` are the hidden state of a (trivial) state-space model and
-the data arrive in minibatches :math:`y_1, y_2, \dots`; the filter keeps a Gaussian
-belief :math:`\mathcal N(\mu_t, \Lambda_t^{-1})` (a
-:class:`~pyro_sgmcmc.gaussian.GaussianPosterior`, diagonal or dense) and touches every
-datum once. Starting from the prior :math:`\mathcal N(\mu_0, \Lambda_0^{-1})`, each
-minibatch does
-
-**predict** (optional; by default the parameters are static and this is the identity):
-
-.. math::
-
-    \Sigma_{t \mid t-1} = \Sigma_{t-1} / \gamma + Q,
-
-with a forgetting factor :math:`\gamma \in (0, 1]` and process noise :math:`Q = qI`
-(or a diagonal), so that old data count less and the filter can track drifting
-parameters;
-
-**update**: one Newton step on the minibatch log-posterior
-:math:`\log p(y_t \mid \theta) - \tfrac12 (\theta - \mu)^\top \Lambda (\theta - \mu)`
-from the predicted mean :math:`\mu = \mu_{t \mid t-1}`, with the curvature :math:`F_t` of
-the minibatch negative log-likelihood in place of its Hessian:
-
-.. math::
-
-    \Lambda_t = \Lambda_{t \mid t-1} + F_t(\mu), \qquad
-    \mu_t = \mu + \Lambda_t^{-1} \nabla_\theta \log p(y_t \mid \theta)\big|_{\theta = \mu}.
-
-This is the standard EKF linearisation (gradient and curvature at the predicted
-mean). With ``num_iterations = K > 1`` it is the iterated EKF: Gauss-Newton steps from
-:math:`\theta_0 = \mu`,
-
-.. math::
-
-    \theta_{k+1} = \theta_k + \big(\Lambda + F_t(\theta_k)\big)^{-1}
-        \big[\nabla \log p(y_t \mid \theta_k) - \Lambda(\theta_k - \mu)\big],
-
-and :math:`\mu_t = \theta_K`, :math:`\Lambda_t = \Lambda + F_t(\theta_{K-1})` (the
-curvature of the last step).
-
-Curvatures (sums over the minibatch, as in :mod:`pyro_sgmcmc.curvature`):
-
-* ``"ef"``, the empirical Fisher :math:`\sum_i g_i g_i^\top` from per-example gradients
-  (any model: :class:`~pyro_sgmcmc.nn.ModulePotential`,
-  :class:`~pyro_sgmcmc.potential.PyroPotential`);
-* ``"ggn"``, the exact GGN :math:`\sum_i J_i^\top H_i J_i` (= the Fisher for the
-  built-in likelihoods), for ``nn.Module`` models with a
-  :class:`~pyro_sgmcmc.curvature.Likelihood`;
-* ``"hessian"``, the Hessian of the negative log-likelihood (:math:`P` backward
-  passes; may be indefinite away from a mode for non-GLM models).
-
-**Exactness.** For a linear-Gaussian model (Bayesian linear regression with known noise)
-the log-likelihood is quadratic and the GGN, Fisher and Hessian are all
-:math:`X_t^\top X_t / s^2`, so each dense update is the exact conjugate update and one
-pass, in minibatches of any size and order, gives the exact posterior. The diagonal
-filter keeps :math:`\mathrm{diag}(F_t)`: its precision after one pass is the prior's
-plus :math:`\mathrm{diag}(X^\top X)/s^2`, the mean-field VI precision; its mean is
-exact when each minibatch's :math:`X_t^\top X_t` is diagonal, and otherwise each
-update is one Jacobi step, which ignores the correlations.
-
-**Temperature.** Dividing the prior precision, every :math:`F_t` and every gradient by
-:math:`T` leaves every mean unchanged and divides every precision by :math:`T`, so the
-filter for :math:`p(\theta \mid y)^{1/T}` is ``result.tempered(T)``.
-
-Examples:
-    One pass of a dense EKF over a linear regression is the exact posterior:
-
-    >>> import torch
-    >>> from pyro_sgmcmc.curvature import Likelihood
-    >>> from pyro_sgmcmc.gaussian import DenseGaussian
-    >>> _ = torch.manual_seed(0)
-    >>> X = torch.randn(100, 3, dtype=torch.float64)
-    >>> y = X @ torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64) + torch.randn(100).double()
-    >>> prior = DenseGaussian({"w": torch.zeros(3).double()}, torch.eye(3).double())
-    >>> terms = ggn_terms(lambda p, x: x @ p["w"], Likelihood("normal", scale=1.0))
-    >>> batches = [(X[i : i + 16], y[i : i + 16]) for i in range(0, 100, 16)]
-    >>> q = run_ekf(prior, terms, batches)
-    >>> precision = X.T @ X + torch.eye(3).double()
-    >>> torch.allclose(q.precision_matrix(), precision)
-    True
-    >>> torch.allclose(q.mean["w"], torch.linalg.solve(precision, X.T @ y))
-    True
-"""
+r"""The extended Kalman filter's two steps, the curvature terms it takes, and the
+filter over the batches of a PyTorch model."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import pyro
-import pyro.poutine as poutine
 import torch
 from torch import Tensor
 
 from pyro_sgmcmc.curvature import (
-    Likelihood,
     dense_ef,
     dense_ggn,
     diag_ef,
     diag_ggn,
-    flatten,
-    module_fn,
-    unflatten,
 )
 from pyro_sgmcmc.gaussian import DenseGaussian, DiagonalGaussian, GaussianPosterior
+from pyro_sgmcmc.likelihoods import Likelihood
 from pyro_sgmcmc.nn import ModulePotential
-from pyro_sgmcmc.potential import ModelError, PyroPotential
+from pyro_sgmcmc.tree import flatten, module_fn, unflatten
 
 __all__ = [
     "Terms",
+    "as_family",
     "ef_terms",
     "ekf_predict",
     "ekf_update",
     "ggn_terms",
     "hessian_terms",
     "module_ekf",
-    "pyro_ekf",
-    "pyro_gaussian_prior",
     "run_ekf",
 ]
 
@@ -417,7 +329,7 @@ def _pair(batch: Any) -> tuple[Any, Any]:
 
 
 # ---------------------------------------------------------------------- PyTorch models
-def _as_family(prior: GaussianPosterior, dense: bool) -> GaussianPosterior:
+def as_family(prior: GaussianPosterior, dense: bool) -> GaussianPosterior:
     if dense and isinstance(prior, DiagonalGaussian):
         return DenseGaussian(prior.mean, prior.precision_matrix())
     if not dense and isinstance(prior, DenseGaussian):
@@ -498,7 +410,7 @@ def module_ekf(
             f"prior must be over the module's sampled parameters {potential.names}, got "
             f"{list(prior.mean)}"
         )
-    prior = _as_family(prior, dense)
+    prior = as_family(prior, dense)
     if curvature == "ef":
         terms = ef_terms(potential.per_example_grads)
     elif curvature == "ggn":
@@ -517,175 +429,6 @@ def module_ekf(
             return -b * (pot + potential.log_prior(params) / potential.num_data)
 
         terms = hessian_terms(summed)
-    return run_ekf(
-        prior,
-        terms,
-        batches,
-        num_iterations=num_iterations,
-        process_noise=process_noise,
-        forgetting=forgetting,
-    )
-
-
-# ---------------------------------------------------------------------- Pyro models
-def _normal_parts(fn: Any) -> tuple[Tensor, Tensor] | None:
-    """(loc, scale) of a (possibly expanded, Independent) Normal, else None."""
-    while True:
-        if isinstance(fn, torch.distributions.Independent):
-            fn = fn.base_dist
-        elif isinstance(fn, pyro.distributions.ExpandedDistribution):
-            base = _normal_parts(fn.base_dist)
-            if base is None:
-                return None
-            shape = fn.batch_shape
-            return base[0].expand(shape), base[1].expand(shape)
-        else:
-            break
-    if isinstance(fn, torch.distributions.Normal):
-        return fn.loc, fn.scale
-    return None
-
-
-def _prototype(potential: PyroPotential):
-    with pyro.validation_enabled(False), poutine.block():
-        return poutine.trace(potential.model).get_trace(
-            *potential.model_args, **potential.model_kwargs
-        )
-
-
-def pyro_gaussian_prior(potential: PyroPotential, *, dense: bool = False) -> GaussianPosterior:
-    r"""The model's prior as a Gaussian over its (unconstrained) latent sites.
-
-    Every latent site must have a ``Normal`` prior (possibly ``.expand``-ed or
-    ``.to_event``-ed) on the real line, whose parameters do not depend on other latents
-    (they are read from one trace of the model). For other priors (a ``HalfNormal``
-    scale, a hierarchical prior) build the Gaussian yourself, e.g. a Laplace
-    approximation of the prior in unconstrained space.
-
-    Examples:
-        >>> import pyro.distributions as dist
-        >>> from pyro_sgmcmc.potential import PyroPotential
-        >>> def model(y):
-        ...     w = pyro.sample("w", dist.Normal(0.0, 2.0).expand([2]).to_event(1))
-        ...     with pyro.plate("data", len(y)) as idx:
-        ...         pyro.sample("obs", dist.Normal(w.sum(), 1.0), obs=y[idx])
-        >>> pyro_gaussian_prior(PyroPotential(model, (torch.zeros(3),))).precision
-        {'w': tensor([0.2500, 0.2500])}
-    """
-    trace = _prototype(potential)
-    mean, precision = {}, {}
-    for name in potential.latent_names:
-        site = trace.nodes[name]
-        parts = _normal_parts(site["fn"])
-        if parts is None:
-            raise ModelError(
-                f"latent site '{name}' has a {type(site['fn']).__name__} prior, not a Normal "
-                "on the real line: pass prior=, a GaussianPosterior over the unconstrained "
-                "latent sites"
-            )
-        loc, scale = parts
-        shape = site["value"].shape
-        mean[name] = loc.detach().expand(shape).clone()
-        precision[name] = scale.detach().expand(shape).pow(-2).clone()
-    prior = DiagonalGaussian(mean, precision)
-    return _as_family(prior, dense)
-
-
-def pyro_ekf(
-    potential: PyroPotential,
-    *,
-    prior: GaussianPosterior | None = None,
-    batch_size: int | None = None,
-    dense: bool = False,
-    curvature: str = "ef",
-    num_iterations: int = 1,
-    process_noise: float | Mapping[str, Tensor] = 0.0,
-    forgetting: float = 1.0,
-    shuffle: bool = True,
-    generator: torch.Generator | None = None,
-) -> GaussianPosterior:
-    r"""One EKF pass over a Pyro model's data plate, ``batch_size`` indices at a time.
-
-    The model is written as for the kernels (``with pyro.plate("data", N) as idx: ...
-    obs=y[idx]``); the filter is over the unconstrained latent sites
-    (:class:`~pyro_sgmcmc.potential.PyroPotential`'s ``phi``), the data enter through the
-    per-datum log-likelihoods of the plate's observed sites, and the prior enters only as
-    the initial Gaussian.
-
-    Args:
-        potential: the model as a :class:`~pyro_sgmcmc.potential.PyroPotential`.
-        prior: the initial belief over the unconstrained latent sites; defaults to
-            :func:`pyro_gaussian_prior` (Normal priors only).
-        batch_size: indices per update (default ``potential.subsample_size``, else the
-            whole plate: one update).
-        dense: a full covariance or a diagonal one.
-        curvature: ``"ef"`` (empirical Fisher, from per-datum gradients) or
-            ``"hessian"`` (the autograd Hessian of the minibatch log-likelihood; exact
-            for linear-Gaussian and canonical GLM likelihoods).
-        num_iterations: iterated-EKF steps per minibatch.
-        process_noise: :math:`q` of :func:`ekf_predict`.
-        forgetting: :math:`\gamma` of :func:`ekf_predict`.
-        shuffle: visit the data in a random order (else in index order).
-        generator: source of the order.
-
-    Raises:
-        ModelError: the model has no data plate, or observed sites outside it (which a
-            pass over the plate would never see).
-
-    Examples:
-        >>> from pyro_sgmcmc.datasets import load_pima, logistic_regression_model
-        >>> from pyro_sgmcmc.potential import PyroPotential
-        >>> data = load_pima()
-        >>> pot = PyroPotential(logistic_regression_model, (data.X, data.y))
-        >>> q = pyro_ekf(pot, batch_size=64, dense=True, curvature="hessian",
-        ...              generator=torch.Generator().manual_seed(0))
-        >>> q, q.stddev()["w"].shape
-        (DenseGaussian(num_params=8), torch.Size([8]))
-    """
-    if not isinstance(potential, PyroPotential):
-        raise TypeError(f"potential must be a PyroPotential, got {type(potential).__name__}")
-    if potential.plate_name is None:
-        raise ModelError(
-            "the EKF passes over the model's data plate, and the model has none: write the "
-            "likelihood as `with pyro.plate('data', N) as idx: pyro.sample('obs', ..., "
-            "obs=y[idx])`"
-        )
-    if curvature not in ("ef", "hessian"):
-        raise ValueError(f"curvature must be 'ef' or 'hessian' for a Pyro model, got {curvature!r}")
-    trace = _prototype(potential)
-    outside = [
-        name
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample"
-        and site["is_observed"]
-        and name != potential.plate_name
-        and potential.plate_name not in {f.name for f in site["cond_indep_stack"]}
-    ]
-    if outside:
-        raise ModelError(
-            f"observed sites {outside} lie outside the data plate '{potential.plate_name}', "
-            "so one pass over the plate would ignore them: move them into the plate"
-        )
-    if prior is None:
-        prior = pyro_gaussian_prior(potential, dense=dense)
-    else:
-        if list(prior.mean) != potential.latent_names:
-            raise ValueError(
-                f"prior must be over the latent sites {potential.latent_names} (in order), "
-                f"got {list(prior.mean)}"
-            )
-        prior = _as_family(prior, dense)
-    size = potential.plate_size
-    b = batch_size or potential.subsample_size or size
-    if not 1 <= b <= size:
-        raise ValueError(f"batch_size must lie in [1, {size}], got {b}")
-    device = next(iter(prior.mean.values())).device
-    order = torch.randperm(size, generator=generator) if shuffle else torch.arange(size)
-    batches = [order[i : i + b].to(device) for i in range(0, size, b)]
-    if curvature == "ef":
-        terms = ef_terms(potential.per_example_grads)
-    else:
-        terms = hessian_terms(potential.per_example_log_likelihood)
     return run_ekf(
         prior,
         terms,
