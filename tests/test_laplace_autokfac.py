@@ -158,6 +158,9 @@ def test_one_datum_blocks_equal_the_dense_laplace(curvature):
     }
 
 
+# A ReLU network's log joint has kinks: the mode search stalls short of its tolerance there
+# and says so (tests/test_laplace_mode.py checks the warning itself).
+@pytest.mark.filterwarnings("ignore::pyro_sgmcmc.laplace.LaplaceModeWarning")
 def test_svi_map_predictive_quantiles_and_marglik():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(120, 2, generator=g)

@@ -3,6 +3,9 @@ r"""Laplace approximations: Pyro autoguides, curvature of Pyro models, evidence 
 * :mod:`~pyro_sgmcmc.laplace.autoguide`: :class:`AutoDiagonalLaplace` and
   :class:`AutoDenseLaplace`, MAP guides for SVI whose ``laplace_approximation(*args)``
   returns a Gaussian :class:`LaplaceGuide`.
+* :mod:`~pyro_sgmcmc.laplace.mode`: :func:`find_mode`, the full-data mode search
+  (damped Newton or L-BFGS) that centres every Laplace guide, and its
+  :class:`ModeReport`.
 * :mod:`~pyro_sgmcmc.laplace.pyro_curvature`: GGN, Monte Carlo Fisher, empirical
   Fisher and Hessian of a Pyro model's log-likelihood over its unconstrained latents,
   accumulated over the whole data plate in chunks.
@@ -24,9 +27,11 @@ from pyro_sgmcmc.laplace.autoguide import (
     GaussianPosteriorDistribution,
     LaplaceError,
     LaplaceGuide,
+    LaplaceModeWarning,
 )
 from pyro_sgmcmc.laplace.kfac import AutoKFACLaplace, KFACGaussian
 from pyro_sgmcmc.laplace.marglik import log_marginal_likelihood, optimize_prior_precision
+from pyro_sgmcmc.laplace.mode import ModeReport, find_mode
 from pyro_sgmcmc.laplace.module import module_laplace
 from pyro_sgmcmc.laplace.pyro_curvature import (
     CurvatureResult,
@@ -45,6 +50,9 @@ __all__ = [
     "KFACGaussian",
     "LaplaceError",
     "LaplaceGuide",
+    "LaplaceModeWarning",
+    "ModeReport",
+    "find_mode",
     "likelihood_curvature",
     "log_joint_and_grad",
     "log_marginal_likelihood",

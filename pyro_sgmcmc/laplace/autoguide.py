@@ -8,11 +8,17 @@ scale with the data:
    ``AutoLaplaceApproximation``), fitted by ``SVI(model, guide, optim, Trace_ELBO())``
    on a model that subsamples its data plate like any Pyro model. The mode is that of
    the density of the unconstrained latents :math:`\phi` (log-Jacobian included).
-2. **Curvature.** ``guide.laplace_approximation(*args, **kwargs)`` accumulates the
+2. **Mode.** ``guide.laplace_approximation(*args, **kwargs)`` first refines the SVI
+   point to the mode of the full-data log joint (damped Newton with the exact Hessian,
+   or L-BFGS for over 200 parameters, accumulated over the data in chunks;
+   :func:`~pyro_sgmcmc.laplace.mode.find_mode`), records how that went in
+   ``guide.mode_report`` and warns when it stops short (``newton_steps``,
+   ``mode_tol``, ``strict``).
+3. **Curvature.** It then accumulates the
    likelihood curvature :math:`C` (GGN, Monte Carlo Fisher, empirical Fisher or
    Hessian; :mod:`pyro_sgmcmc.laplace.pyro_curvature`) over **all** the plate's
    indices in chunks of ``batch_size`` and adds the prior's precision.
-3. **Gaussian guide.** It returns a :class:`LaplaceGuide` with
+4. **Gaussian guide.** It returns a :class:`LaplaceGuide` with
 
    .. math::
 
@@ -54,6 +60,8 @@ Examples:
     >>> for _ in range(300):
     ...     _ = svi.step(X, y, batch=50)
     >>> laplace = guide.laplace_approximation(X, y)
+    >>> laplace.mode_report.converged  # SVI's end point, refined on all 200 rows
+    True
     >>> laplace.quantiles([0.05, 0.5, 0.95])["w"].shape
     torch.Size([3, 2])
     >>> bool((laplace.posterior.stddev()["w"] < 0.3).all())
@@ -63,6 +71,7 @@ Examples:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -75,12 +84,8 @@ from pyro_sgmcmc.gaussian import DenseGaussian, DiagonalGaussian, GaussianPoster
 from pyro_sgmcmc.laplace.chunks import first_indices, grad_leaves, log_prior_terms
 from pyro_sgmcmc.laplace.guide import GaussianPosteriorDistribution, LaplaceGuide
 from pyro_sgmcmc.laplace.marglik import log_marginal_likelihood, optimize_prior_precision
-from pyro_sgmcmc.laplace.pyro_curvature import (
-    CURVATURES,
-    likelihood_curvature,
-    log_joint_and_grad,
-    log_prior_hessian,
-)
+from pyro_sgmcmc.laplace.mode import ModeReport, find_mode
+from pyro_sgmcmc.laplace.pyro_curvature import CURVATURES, likelihood_curvature, log_prior_hessian
 from pyro_sgmcmc.potential import ModelError, PyroPotential
 from pyro_sgmcmc.pyro_model import subsampling_plate
 from pyro_sgmcmc.tree import flatten, unflatten
@@ -93,6 +98,7 @@ __all__ = [
     "GaussianPosteriorDistribution",
     "LaplaceError",
     "LaplaceGuide",
+    "LaplaceModeWarning",
 ]
 
 _MARGLIK = ("marglik", "marglik_per_site")
@@ -100,6 +106,11 @@ _MARGLIK = ("marglik", "marglik_per_site")
 
 class LaplaceError(ValueError):
     """The Laplace approximation cannot be formed; the message says what to change."""
+
+
+class LaplaceModeWarning(UserWarning):
+    """The full-data mode search stopped short of its tolerance: the Laplace Gaussian is
+    centred off the mode (see the guide's ``mode_report``)."""
 
 
 class AutoLaplace(AutoLaplaceApproximation):
@@ -128,20 +139,28 @@ class AutoLaplace(AutoLaplaceApproximation):
             ``subsample_size`` in the arguments given gets chunks of that size.
         plate: the data plate's name (found automatically when unambiguous).
         num_samples: draws of :math:`\tilde y` per datum for the Monte Carlo Fisher.
-        newton_steps: full-data Gauss-Newton steps (the GGN, or the Hessian for
-            ``curvature="hessian"``, plus the model prior's Hessian) that polish the SVI
-            mode before the curvature is taken, each with a backtracking line search on
-            the log joint (damped where the precision is not positive definite). With
-            the dense curvature (:class:`AutoDenseLaplace`) one step makes a
-            linear-Gaussian model's mode exact, and for a GLM with canonical link they
-            are Fisher scoring (IRLS); the diagonal guide's steps use the diagonal only
-            and approach the mode (Pima: 0.03 posterior sd off after 5 steps from an SVI
-            mode). Updates this guide's ``loc``.
+        newton_steps: the cap on the full-data mode search that
+            :meth:`laplace_approximation` runs from the SVI point before taking the
+            curvature (:func:`~pyro_sgmcmc.laplace.mode.find_mode`: damped Newton with
+            the exact Hessian and a line search up to 200 unconstrained parameters,
+            L-BFGS beyond, whatever the guide's covariance structure). ``None``
+            (default): iterate until the mode is reached (100 Newton or 500 L-BFGS
+            iterations at most); an integer ``k``: at most ``k`` iterations, fewer when
+            the tolerance is met; ``0``: keep the SVI point and only measure how far it
+            is from the mode. Updates this guide's ``loc``.
+        mode_tol: the tolerance of the mode search: the estimated distance to the
+            mode in posterior standard deviations, :math:`\sqrt{g^\top H^{-1} g}`.
+        strict: raise :class:`LaplaceError` rather than warn
+            (:class:`LaplaceModeWarning`) when the mode search misses ``mode_tol``.
         seed: seed of the Monte Carlo draws.
         init_loc_fn: Pyro init strategy of the MAP's starting point.
 
     Attributes:
         structure: ``"diag"`` or ``"dense"``.
+        mode_report: after :meth:`laplace_approximation`, the
+            :class:`~pyro_sgmcmc.laplace.mode.ModeReport` of its mode search (final
+            gradient norm, distance to the mode, iterations, convergence); ``None``
+            before.
     """
 
     structure = "dense"
@@ -156,7 +175,9 @@ class AutoLaplace(AutoLaplaceApproximation):
         batch_size: int = 256,
         plate: str | None = None,
         num_samples: int = 1,
-        newton_steps: int = 0,
+        newton_steps: int | None = None,
+        mode_tol: float = 1e-3,
+        strict: bool = False,
         seed: int = 0,
         init_loc_fn: Callable = init_to_median,
     ) -> None:
@@ -171,8 +192,13 @@ class AutoLaplace(AutoLaplaceApproximation):
         for name, value in (("batch_size", batch_size), ("num_samples", num_samples)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(newton_steps, int) and newton_steps >= 0):
-            raise ValueError(f"newton_steps must be a non-negative integer, got {newton_steps!r}")
+        if newton_steps is not None and not (isinstance(newton_steps, int) and newton_steps >= 0):
+            raise ValueError(
+                f"newton_steps must be None (iterate to the mode) or a non-negative integer "
+                f"cap, got {newton_steps!r}"
+            )
+        if not (isinstance(mode_tol, (int, float)) and mode_tol > 0):
+            raise ValueError(f"mode_tol must be > 0 (posterior sds), got {mode_tol!r}")
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._raw_model = (model,)  # a tuple: never registered as a submodule
         self.curvature = curvature
@@ -182,6 +208,9 @@ class AutoLaplace(AutoLaplaceApproximation):
         self.plate = plate
         self.num_samples = num_samples
         self.newton_steps = newton_steps
+        self.mode_tol = float(mode_tol)
+        self.strict = bool(strict)
+        self.mode_report: ModeReport | None = None
         self.seed = seed
 
     def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
@@ -265,40 +294,26 @@ class AutoLaplace(AutoLaplaceApproximation):
                 f"the Laplace precision is not positive definite at the MAP. {LAPLACE_FIX}"
             ) from e
 
-    def _newton(self, pot: PyroPotential, phi: dict[str, Tensor]) -> dict[str, Tensor]:
-        gen = torch.Generator().manual_seed(self.seed)
-        for _ in range(self.newton_steps):
-            value, grad = log_joint_and_grad(pot, phi, self.batch_size)
-            res = likelihood_curvature(
-                pot,
-                phi,
-                curvature="hessian" if self.curvature == "hessian" else "ggn",
-                structure=self.structure,
-                batch_size=self.batch_size,
-                num_samples=self.num_samples,
-                generator=gen,
-            )
-            prior = log_prior_hessian(pot, phi, self.structure)
-            g = flatten(grad)
-            if self.structure == "diag":
-                step = _damped_solve(flatten(res.curvature) + flatten(prior), g)
-            else:
-                step = _damped_solve(res.curvature + prior, g)
-            base = flatten(phi)
-            t = 1.0
-            for _ in range(30):
-                cand = unflatten(base + t * step, phi)
-                new_value, _ = log_joint_and_grad(pot, cand, self.batch_size)
-                if bool(torch.isfinite(new_value)) and new_value >= value - 1e-12 * abs(value):
-                    phi = cand
-                    break
-                t *= 0.5
-            else:
-                break
-            if bool((t * step).abs().max() <= 1e-12 * (1 + base.abs().max())):
-                break  # converged
+    def _refine_mode(self, pot: PyroPotential, phi: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The full-data mode from ``phi`` (see ``newton_steps``): sets ``loc`` and
+        :attr:`mode_report`; warns, or raises with ``strict``, when it is not reached."""
+        phi, report = find_mode(
+            pot, phi, max_iter=self.newton_steps, tol=self.mode_tol, batch_size=self.batch_size
+        )
+        self.mode_report = report
         with torch.no_grad():
             self.loc.copy_(flatten(phi).to(self.loc.dtype))
+        if not report.converged:
+            hint = (
+                "newton_steps=0 skipped the search: use newton_steps=None"
+                if self.newton_steps == 0
+                else "raise newton_steps (None: up to 100 Newton / 500 L-BFGS iterations), "
+                "train SVI longer, or loosen mode_tol"
+            )
+            msg = f"{report.message()}: the Laplace Gaussian is centred off the mode; {hint}"
+            if self.strict:
+                raise LaplaceError(msg)
+            warnings.warn(msg, LaplaceModeWarning, stacklevel=3)
         return phi
 
     # ------------------------------------------------------------------ the approximation
@@ -320,8 +335,7 @@ class AutoLaplace(AutoLaplaceApproximation):
             LaplaceError: the precision is not positive definite at the MAP.
         """
         pot, phi = self._fitted(args, kwargs)
-        if self.newton_steps:
-            phi = self._newton(pot, phi)
+        phi = self._refine_mode(pot, phi)
         gen = torch.Generator().manual_seed(self.seed)
         res = likelihood_curvature(
             pot,
@@ -351,6 +365,7 @@ class AutoLaplace(AutoLaplaceApproximation):
             prior_precision=_as_tensor_delta(delta, phi),
             log_marginal_likelihood=evidence,
             temperature=self.temperature,
+            mode_report=self.mode_report,
         )
         guide._copy_prototype(self)
         return guide
@@ -371,32 +386,11 @@ class AutoLaplace(AutoLaplaceApproximation):
 
 #: What to try when the Laplace precision is not positive definite (for error messages).
 LAPLACE_FIX = (
-    "Check that SVI converged to a mode of the log joint (train longer, or use "
-    "newton_steps=...), use curvature='ggn' (positive semi-definite) rather than "
+    "Check that the mode search converged (guide.mode_report; newton_steps=None "
+    "iterates to the mode), use curvature='ggn' (positive semi-definite) rather than "
     "'hessian', or set prior_precision=... (a Normal(0, 1/delta) prior on the "
     "unconstrained latents, e.g. 1.0, or 'marglik')."
 )
-
-
-def _damped_solve(lam: Tensor, g: Tensor) -> Tensor:
-    r""":math:`(\Lambda + \mu I)^{-1} g` with the smallest :math:`\mu \ge 0` (0, then
-    growing tenfold from :math:`10^{-6}\max|\Lambda|`) that makes it positive definite:
-    a Newton step far from the mode, where the Hessian may be indefinite, stays an ascent
-    direction (Levenberg-Marquardt)."""
-    scale = float(lam.abs().max()) or 1.0
-    mu = 0.0
-    for _ in range(30):
-        if lam.dim() == 1:
-            d = lam + mu
-            if bool((d > 0).all()):
-                return g / d
-        else:
-            eye = torch.eye(lam.shape[0], dtype=lam.dtype, device=lam.device)
-            chol, info = torch.linalg.cholesky_ex(lam + mu * eye)
-            if int(info) == 0:
-                return torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
-        mu = 1e-6 * scale if mu == 0.0 else 10.0 * mu
-    raise LaplaceError(f"a Newton step found no positive definite damping. {LAPLACE_FIX}")
 
 
 def _check_prior_precision(value: Any) -> None:
@@ -434,7 +428,7 @@ class AutoDiagonalLaplace(AutoLaplace):
         ...         pyro.sample("obs", dist.Normal(mu, 1.0), obs=y[idx])
         >>> y = torch.randn(100) + 3.0
         >>> pyro.clear_param_store()
-        >>> guide = AutoDiagonalLaplace(model, newton_steps=1)
+        >>> guide = AutoDiagonalLaplace(model)
         >>> _ = guide(y)  # set up at the initial point (SVI would fit it)
         >>> q = guide.laplace_approximation(y)
         >>> torch.allclose(q.median()["mu"], y.sum() / (100 + 0.01), atol=1e-4)
@@ -459,7 +453,7 @@ class AutoDenseLaplace(AutoLaplace):
         ...     with pyro.plate("data", len(X)) as idx:
         ...         pyro.sample("obs", dist.Normal(X[idx] @ w, 0.5), obs=y[idx])
         >>> pyro.clear_param_store()
-        >>> guide = AutoDenseLaplace(model, newton_steps=1)
+        >>> guide = AutoDenseLaplace(model, newton_steps=1)  # linear-Gaussian: 1 step
         >>> _ = guide(X, y)
         >>> q = guide.laplace_approximation(X, y)
         >>> exact = X.T @ X / 0.25 + torch.eye(2)

@@ -116,10 +116,19 @@ class AutoKFACLaplace(AutoLaplace):
             the columns, plus :math:`O(d_{in}^2 + d_{out}^2)` per layer).
         plate: the data plate's name (found automatically when unambiguous).
         num_samples: Monte Carlo draws per datum for ``"fisher"``.
+        newton_steps: cap of the full-data mode search from the SVI point, as
+            :class:`~pyro_sgmcmc.laplace.autoguide.AutoLaplace` (``None``: to the
+            tolerance; L-BFGS on the full-data objective for networks over 200
+            parameters, damped Newton below). A network's posterior has many modes: the
+            search refines the one SVI found.
+        mode_tol: its tolerance, in posterior sds.
+        strict: raise rather than warn when the tolerance is not met.
         seed: seed of the Monte Carlo draws.
         init_loc_fn: Pyro init strategy of the MAP's starting point.
 
     Attributes:
+        mode_report: after :meth:`laplace_approximation`, the mode search's
+            :class:`~pyro_sgmcmc.laplace.mode.ModeReport`.
         kfac_layers: after :meth:`laplace_approximation`, ``{layer name: (weight
             site, bias site or None)}`` of the layers given Kronecker blocks.
 
@@ -178,6 +187,9 @@ class AutoKFACLaplace(AutoLaplace):
         batch_size: int = 256,
         plate: str | None = None,
         num_samples: int = 1,
+        newton_steps: int | None = None,
+        mode_tol: float = 1e-3,
+        strict: bool = False,
         seed: int = 0,
         init_loc_fn: Callable = init_to_median,
     ) -> None:
@@ -201,6 +213,9 @@ class AutoKFACLaplace(AutoLaplace):
             batch_size=batch_size,
             plate=plate,
             num_samples=num_samples,
+            newton_steps=newton_steps,
+            mode_tol=mode_tol,
+            strict=strict,
             seed=seed,
             init_loc_fn=init_loc_fn,
         )
@@ -482,6 +497,7 @@ class AutoKFACLaplace(AutoLaplace):
         """
         pot, phi = self._fitted(args, kwargs)
         layers = self._layers(pot, phi)
+        phi = self._refine_mode(pot, phi)
         blocks, diagonal, log_lik, methods = self._data_pass(pot, phi, layers)
         self.kfac_layers = {n: (lay.weight, lay.bias) for n, lay in layers.items()}
 
