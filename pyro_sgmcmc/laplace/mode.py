@@ -16,7 +16,8 @@ exact Hessian; never an :math:`N \times P` matrix), with
 * **damped Newton** when the model has at most :data:`MAX_DENSE` unconstrained
   parameters: the exact Hessian :math:`H` with its eigenvalues replaced by their
   absolute values (floored), so every step is a descent direction even at a saddle,
-  and a backtracking (Armijo) line search. Correlated and badly scaled latents (a
+  and Levenberg-Marquardt damping raised until the Armijo condition holds (a curved
+  line search: the flat directions shrink first). Correlated and badly scaled latents (a
   noise scale far from the residuals, collinear covariates) converge in a few steps,
   whatever the guide's covariance structure;
 * **L-BFGS** otherwise (20 curvature pairs, a backtracking Armijo line search that
