@@ -251,7 +251,7 @@ class MCMC(pyro.infer.MCMC):
                 kernel.load_state_dict(resume["kernel"])
                 sink.load_state_dict(resume["sink"])
                 start = resume["step"]
-                params = dict(kernel._state.params)
+                params = dict(kernel.current_params)
             total = self.warmup_steps + self.num_samples
             disable = self._disable_progbar or (self.group is not None and not self.group.is_main)
             with tqdm(

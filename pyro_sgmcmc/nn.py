@@ -70,6 +70,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from pyro_sgmcmc.kernels.gradients import minibatch_beta
 from pyro_sgmcmc.likelihoods import (
     LogLikelihood,
     bernoulli_log_likelihood,
@@ -407,10 +408,7 @@ class ModulePotential:
         the effective noise is far smaller, and this ``beta`` over-compensates (a too
         cold posterior). There use ``beta=0`` (or a fraction of this one).
         """
-        if not temperature > 0:
-            raise ValueError(f"beta needs temperature > 0 (no noise at T = 0), got {temperature}")
         var = self.per_example_grad_variance(params, batch)
         b = batch_size or self._split(batch)[2]
-        tau = temperature / self.num_data
-        scale = (1.0 - b / self.num_data) / b / tau
-        return {k: v * scale * (1.0 if inv_mass is None else inv_mass[k]) for k, v in var.items()}
+        beta = minibatch_beta(var, b, self.num_data, temperature, replacement=False)
+        return {k: v * (1.0 if inv_mass is None else inv_mass[k]) for k, v in beta.items()}

@@ -514,18 +514,27 @@ class PyroPotential:
         )
         return {k: g.detach() for k, g in grads.items()}
 
+    def draw_initial_params(
+        self, strategy: Callable | None = None, indices: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """One draw of unconstrained initial values from ``strategy`` (default: the
+        potential's init strategy), with the data plate at ``indices`` (all data if
+        ``None``); not checked for finiteness."""
+        cond = {} if indices is None or self.plate_name is None else {self.plate_name: indices}
+        strategy = self.init_strategy if strategy is None else strategy
+        tr = self._run(InitMessenger(strategy)(poutine.condition(self.model, cond)))
+        return {
+            name: self.transforms[name](tr.nodes[name]["value"].detach())
+            for name in self.latent_names
+        }
+
     def initial_params(self, indices: Tensor | None = None, max_tries: int = 100) -> dict:
         """Unconstrained initial values from the init strategy, retried until finite."""
         if indices is None and self.indices is not None:
             indices = self.indices()
-        cond = {} if indices is None else {self.plate_name: indices}
         last_terms = None
         for _ in range(max_tries):
-            tr = self._run(InitMessenger(self.init_strategy)(poutine.condition(self.model, cond)))
-            phi = {
-                name: self.transforms[name](tr.nodes[name]["value"].detach())
-                for name in self.latent_names
-            }
+            phi = self.draw_initial_params(self.init_strategy, indices)
             u, grads = self.potential_and_grad(phi, indices)
             if torch.isfinite(u) and all(torch.isfinite(g).all() for g in grads.values()):
                 return phi

@@ -146,7 +146,8 @@ def test_summary_arviz_and_diagnostics(linreg, capsys):
     # Thinning: 200 warm-up steps + 200 draws x 2 steps.
     assert mcmc.kernel._t == 200 + 2 * 200
     log = mcmc.kernel.logging()
-    assert set(log) == {"step size", "U", "nonfinite"}
+    assert set(log) == {"step size", "U", "nonfinite", "warm-up"}
+    assert log["warm-up"] == "ok"
     assert all(isinstance(v, str) for v in log.values())
 
 

@@ -13,7 +13,6 @@ tolerance is explained next to it.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pyro
 import pyro.distributions as dist
@@ -24,7 +23,8 @@ from hypothesis import strategies as st
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from scipy.stats import chi2
 
-from pyro_sgmcmc import ModelError, NonFiniteError, PyroPotential, SGHMCKernel
+from pyro_sgmcmc import ModelError, NonFiniteError, PyroPotential
+from pyro_sgmcmc.kernels.gradients import ControlVariateGradient, MinibatchGradient, minibatch_beta
 from pyro_sgmcmc.potential import IndexStream
 
 F64 = torch.float64
@@ -448,38 +448,27 @@ def test_all_per_example_grads_cover_all_rows_in_order(cdata, chunk_size):
 # ======================================================================================
 
 
-def cv_kernel(X, y, b):
+def cv_estimator(X, y, b):
+    """The kernels' control-variate estimator over the model's minibatch potential."""
     pyro.set_rng_seed(0)
-    kernel = SGHMCKernel(linreg_model, subsample_size=b)
-    kernel.setup(50, X, y)
-    assert kernel._cv_enabled and kernel._cv is None  # CV on, no centre before warm-up
-    return kernel
+    pot = PyroPotential(linreg_model, (X, y), subsample_size=b, generator=torch.Generator())
+    est = ControlVariateGradient(MinibatchGradient(pot))
+    assert est.table is None  # no centre yet: the plain estimator
+    return est
 
 
-def one_step_grads(kernel, phi, m):
-    """Run the kernel's real ``_one_step`` m times at a fixed phi, capturing the
-    gradient it hands to the sampler (the sampler step is replaced by a recorder
-    that leaves the state unchanged)."""
-    captured = []
-
-    def step(state, grads, *args, **kwargs):
-        captured.append(grads["w"])
-        return state
-
-    kernel._state = kernel._state._replace(params={"w": phi})
-    kernel._sampler = SimpleNamespace(step=step)
-    for _ in range(m):
-        kernel._one_step(warm=False)
-    del kernel._sampler
-    return torch.stack(captured)
+def one_step_grads(est, phi, m):
+    """m draws of the estimator's gradient at a fixed phi, each on a fresh minibatch."""
+    pot = est.potential
+    return torch.stack([est({"w": phi}, pot.next_indices())[1]["w"] for _ in range(m)])
 
 
 def test_control_variate_gradient_is_unbiased_and_low_variance(linreg):
     X, y, mean, cov = linreg
     b, m = 8, 1500
-    kernel = cv_kernel(X, y, b)
-    kernel._set_cv_centre({"w": mean})
-    table, gbar = kernel._cv
+    kernel = cv_estimator(X, y, b)
+    kernel.set_centre({"w": mean})
+    table, gbar = kernel.table, kernel.mean
     assert close(table["w"], per_example_linreg(mean, X, y), 1e-10)
     assert close(gbar["w"], per_example_linreg(mean, X, y).mean(0), 1e-10)
 
@@ -516,45 +505,44 @@ def test_control_variate_gradient_is_unbiased_and_low_variance(linreg):
 
 def test_control_variate_has_no_noise_at_the_centre(linreg):
     X, y, mean, _ = linreg
-    kernel = cv_kernel(X, y, 8)
+    kernel = cv_estimator(X, y, 8)
     centre = mean + torch.tensor([0.05, 0.0, -0.02], dtype=F64)
-    kernel._set_cv_centre({"w": centre})
+    kernel.set_centre({"w": centre})
     full = linreg_grad_u(centre, X, y)
     # At phi == centre the estimator is the full gradient for every batch (rounding only).
     cv = one_step_grads(kernel, centre, 50)
     assert (cv - full).abs().max() < 1e-12
-    # The kernel's noise estimate (used for beta) is zero there as well.
-    kernel._state = kernel._state._replace(params={"w": centre})
-    noise = kernel._gradient_noise(kernel.potential.next_indices())
-    assert noise["w"].abs().max() < 1e-20
+    # The noise estimate (used for beta) is zero there as well.
+    rows = kernel.per_example({"w": centre}, kernel.potential.next_indices())
+    assert rows["w"].var(0).abs().max() < 1e-20
 
 
 def test_gradient_noise_and_beta_estimate_the_estimator_variance(linreg):
-    """``_gradient_noise`` is an unbiased estimate of Var_pop of the per-example terms,
-    and ``_update_beta`` turns it into D Var[grad U~] / tau with Var[grad U~] = Var/B."""
+    """The batch variance of the estimator's per-example terms is an unbiased estimate
+    of their Var_pop, and ``minibatch_beta`` turns it into Var[grad U~] / tau with
+    Var[grad U~] = Var / B for iid batches."""
     X, y, mean, cov = linreg
     b, m = 8, 600
-    kernel = cv_kernel(X, y, b)
+    kernel = cv_estimator(X, y, b)
     phi = mean + 2.0 * cov.diag().sqrt()
-    kernel._state = kernel._state._replace(params={"w": phi})
     for centre in (None, mean):
         if centre is not None:
-            kernel._set_cv_centre({"w": centre})
-        g = per_example_linreg(phi, X, y) - (0 if centre is None else kernel._cv[0]["w"])
+            kernel.set_centre({"w": centre})
+        g = per_example_linreg(phi, X, y) - (0 if centre is None else kernel.table["w"])
         var_pop = g.var(0, unbiased=False)
         est = torch.stack(
-            [kernel._gradient_noise(kernel.potential.next_indices())["w"] for _ in range(m)]
+            [
+                kernel.per_example({"w": phi}, kernel.potential.next_indices())["w"].var(0)
+                for _ in range(m)
+            ]
         )
         # The batch variance (ddof 1) of B iid draws is unbiased for Var_pop. Its
         # standard error over m batches is measured from the draws; 4 of them.
         se = est.std(0) / math.sqrt(m)
         assert ((est.mean(0) - var_pop).abs() < 4 * se).all(), (est.mean(0) - var_pop) / se
-    # beta = D var / B / tau with tau = T / N (here T = 1, no mass matrix yet: D = 1).
-    kernel._noise.clear()
-    v1, v2 = torch.tensor([1.0, 2.0, 3.0], dtype=F64), torch.tensor([3.0, 2.0, 1.0], dtype=F64)
-    kernel._noise.extend([{"w": v1}, {"w": v2}])
-    kernel._update_beta()
-    assert close(kernel._beta["w"], (v1 + v2) / 2 / b / (1.0 / N), 1e-12)
+    # beta = var / B / tau with tau = T / N (T = 1).
+    v = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    assert close(minibatch_beta({"w": v}, b, N, 1.0)["w"], v / b / (1.0 / N), 1e-12)
 
 
 # ======================================================================================
