@@ -7,6 +7,10 @@ One module per experiment, each with a ``main(args)`` that the command calls:
   samplers and Gaussian approximations.
 * :mod:`~pyro_sgmcmc.experiments.double_well` (the seed paper's Figure 2): a deep
   ensemble, a serial SGHMC chain and parallel SGHMC on a 2-D double well.
+* :mod:`~pyro_sgmcmc.experiments.cold_posterior` (the seed paper's section 5.1, Figures
+  4, 8 and 9): the cold-posterior effect of a CNN-LSTM on movie reviews, MLE, MAP,
+  Laplace, VI and SGHMC over a temperature grid (model, data and methods in
+  :mod:`~pyro_sgmcmc.experiments.cold_posterior_methods`).
 * :mod:`~pyro_sgmcmc.experiments.report`: what they share (result records, thinning,
   ESS, timing, CSV/JSON writing, aligned tables, figures).
 
@@ -24,10 +28,21 @@ from typing import Any
 #: command's ``--methods`` (here, free of imports, so that ``--help`` stays fast).
 PIMA_GROUPS = ("sgmcmc", "parallel", "laplace", "vi", "ekf")
 
-#: The modules, in the order a name is looked up in their ``__all__``.
-_MODULES = ("report", "pima", "double_well")
+#: The paper whose tables and figures the experiments reproduce (the "seed paper").
+PAPER = 'Duffield et al., "Scalable Bayesian learning with posteriors", ICLR 2025'
 
-__all__ = ["PIMA_GROUPS", "double_well", "pima", "report"]
+#: The modules, in the order a name is looked up in their ``__all__``.
+_MODULES = ("report", "pima", "double_well", "cold_posterior_methods", "cold_posterior")
+
+__all__ = [
+    "PAPER",
+    "PIMA_GROUPS",
+    "cold_posterior",
+    "cold_posterior_methods",
+    "double_well",
+    "pima",
+    "report",
+]
 
 
 def __getattr__(name: str) -> Any:
