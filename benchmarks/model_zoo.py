@@ -238,7 +238,7 @@ def run_case(case: Case, kernel: str, ref: dict, vectorised: bool, quick=False, 
         else:
             mcmc = MCMC(
                 make_kernel(kernel, case), warmup_steps=warmup,
-                num_samples=1000 if quick else 2000, disable_progbar=True,
+                num_samples=1000 if quick else 4000, disable_progbar=True,
             )  # fmt: skip
         try:
             mcmc.run(*case.args)
@@ -261,6 +261,7 @@ def run_case(case: Case, kernel: str, ref: dict, vectorised: bool, quick=False, 
         "max_mean_err": float(err.max()),
         "sd_ratio_min": float(ratio.min()),
         "sd_ratio_max": float(ratio.max()),
+        "min_ess": ess,
         "ess_per_s": ess / seconds,
         "seconds": seconds,
         "flagged": bool(problems),
@@ -278,23 +279,24 @@ def passes(row: dict) -> bool:
 
 def table(rows: list[dict], refs: dict) -> str:
     lines = [
-        "| model | kernel | chains | max mean err (NUTS sd) | sd ratio | min ESS/s | time (s) "
-        "| NUTS time (s) | warm-up verdict | goal |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | kernel | chains | max mean err (NUTS sd) | MC error (1/sqrt(min ESS)) "
+        "| sd ratio | min ESS/s | time (s) | NUTS time (s) | warm-up verdict | goal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         chains = "64 vectorised" if r["vectorised"] else "1"
         nuts = f"{refs[r['model']]['seconds']:.0f}"
         if "error" in r:
             lines.append(
-                f"| {r['model']} | {r['kernel']} | {chains} | error: {r['error']} | | | | {nuts} "
+                f"| {r['model']} | {r['kernel']} | {chains} | error: {r['error']} | | | | | {nuts} "
                 "| | no |"
             )
             continue
         verdict = "flagged" if r["flagged"] else "ok"
         lines.append(
             f"| {r['model']} | {r['kernel']} | {chains} | {r['max_mean_err']:.3f} | "
-            f"{r['sd_ratio_min']:.2f}-{r['sd_ratio_max']:.2f} | {r['ess_per_s']:.1f} | "
+            f"{r['min_ess'] ** -0.5:.3f} | {r['sd_ratio_min']:.2f}-{r['sd_ratio_max']:.2f} | "
+            f"{r['ess_per_s']:.1f} | "
             f"{r['seconds']:.1f} | {nuts} | {verdict} | {'yes' if passes(r) else 'NO'} |"
         )
     return "\n".join(lines)

@@ -30,4 +30,6 @@ class SGLDKernel(SGMCMCKernel):
     """
 
     _sampler = sgld
-    default_step_size = 0.05
+    #: Relative to the whitened posterior (unit curvature): Euler's variance bias
+    #: 1/(1 - step/2), 5% at 0.1, for an autocorrelation time of about 1/step steps.
+    default_step_size = 0.1

@@ -14,8 +14,10 @@ from pyro_sgmcmc.samplers import sgnht
 class SGNHTKernel(MomentumKernel):
     r"""Stochastic gradient Nosé-Hoover thermostat as a Pyro MCMC kernel.
 
-    Update rule: :mod:`pyro_sgmcmc.samplers.sgnht`. The thermostat adapts the friction
-    to the unknown gradient noise, so ``beta`` defaults to 0 here.
+    Update rule: :mod:`pyro_sgmcmc.samplers.sgnht`. The thermostat adapts one friction
+    per chain to the gradient noise it does not know; the minibatch noise it does know
+    (``beta="auto"``, measured as for SGHMC) is compensated per coordinate first,
+    since a single thermostat cannot absorb noise that differs between coordinates.
 
     Args:
         alpha: the constant diffusion :math:`\alpha` and the thermostat's start.
@@ -32,7 +34,7 @@ class SGNHTKernel(MomentumKernel):
         *,
         alpha: float = 2.0,
         thermostat_rate: float | None = None,
-        beta: float | str = 0.0,
+        beta: float | str = "auto",
         **kwargs,
     ) -> None:
         super().__init__(model, potential_fn, alpha=alpha, beta=beta, **kwargs)
