@@ -269,12 +269,19 @@ def run_case(case: Case, kernel: str, ref: dict, vectorised: bool, quick=False, 
     }
 
 
-def passes(row: dict) -> bool:
-    """The zoo's goal: within 0.1 NUTS sd in mean and 15% in sd, or flagged by the run."""
+def verdict(row: dict) -> str:
+    """The zoo's goal: within 0.1 NUTS sd in mean and 15% in sd, or flagged by the run:
+    ``"yes"``; ``"MC"`` where only the mean misses 0.1, by less than 2.5 Monte Carlo
+    errors (the largest of d coordinates' errors: more draws would meet it); else
+    ``"NO"``."""
     if "error" in row:
-        return False
-    ok = row["max_mean_err"] <= 0.1 and 0.85 <= row["sd_ratio_min"] and row["sd_ratio_max"] <= 1.15
-    return ok or row["flagged"]
+        return "NO"
+    sd_ok = 0.85 <= row["sd_ratio_min"] and row["sd_ratio_max"] <= 1.15
+    if row["flagged"] or (sd_ok and row["max_mean_err"] <= 0.1):
+        return "yes"
+    if sd_ok and row["max_mean_err"] <= 0.1 + 2.5 * row["min_ess"] ** -0.5:
+        return "MC"
+    return "NO"
 
 
 def table(rows: list[dict], refs: dict) -> str:
@@ -292,12 +299,12 @@ def table(rows: list[dict], refs: dict) -> str:
                 "| | no |"
             )
             continue
-        verdict = "flagged" if r["flagged"] else "ok"
+        flag = "flagged" if r["flagged"] else "ok"
         lines.append(
             f"| {r['model']} | {r['kernel']} | {chains} | {r['max_mean_err']:.3f} | "
             f"{r['min_ess'] ** -0.5:.3f} | {r['sd_ratio_min']:.2f}-{r['sd_ratio_max']:.2f} | "
             f"{r['ess_per_s']:.1f} | "
-            f"{r['seconds']:.1f} | {nuts} | {verdict} | {'yes' if passes(r) else 'NO'} |"
+            f"{r['seconds']:.1f} | {nuts} | {flag} | {verdict(r)} |"
         )
     return "\n".join(lines)
 
@@ -311,7 +318,12 @@ def main(argv=None) -> None:
     parser.add_argument("--refresh", action="store_true", help="recompute NUTS references")
     parser.add_argument("--out", default=None, help="write the Markdown table here")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
+    parser.add_argument("--render", default=None, help="only re-print the table of a JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        rows = json.loads(Path(args.render).read_text())
+        print(table(rows, json.loads(REFERENCES.read_text())))
+        return
     torch.set_num_threads(1)
     all_cases = cases()
     names = args.models.split(",") if args.models else list(all_cases)

@@ -166,15 +166,18 @@ def test_initial_point_falls_back_where_the_strategy_fails():
 
 
 def test_no_finite_start_names_the_observed_site_and_the_fix():
-    y = torch.tensor([0.5, float("nan"), 1.0])
+    """A likelihood term that is -inf wherever the latent is (data that set-up checks
+    cannot judge): the error names that site, not the latent, and says what to check."""
+    y = torch.tensor([0.5, 1.5, 1.0])
 
     def model(y):
         s = pyro.sample("s", dist.HalfNormal(1.0))
         with pyro.plate("data", 3) as idx:
             pyro.sample("obs", dist.Normal(0.0, s), obs=y[idx])
+        pyro.factor("constraint", torch.where(s > 100.0, 0.0, -float("inf")))
 
     pot = PyroPotential(model, (y,))
-    with pytest.raises(NonFiniteError, match=r"observed site\(s\) \['obs'\].*support"):
+    with pytest.raises(NonFiniteError, match=r"observed site\(s\) \['constraint'\].*support"):
         find_initial_params(pot, pot.init_strategy)
 
 
@@ -198,3 +201,35 @@ def test_dense_mass_matrix_on_a_correlated_gaussian():
     x = mcmc.get_samples()["x"]
     torch.testing.assert_close(torch.cov(x.T), cov, rtol=0.15, atol=0.05)
     assert not mcmc.kernel.warmup_report["problems"]
+
+
+def _bimodal():
+    x = pyro.sample("x", dist.Normal(0.0, 10.0))
+    wells = torch.stack([-((x - 5.0) ** 2), -((x + 5.0) ** 2)]) / (2 * 0.5**2)
+    pyro.factor("wells", torch.logsumexp(wells, 0))
+
+
+def test_a_failed_warmup_is_reported_where_users_look(capsys):
+    """Chains stuck in the two modes of a bimodal target: the warm-up check flags it in
+    diagnostics, summary, report, the progress-bar log and a warning; strict raises."""
+    from pyro_sgmcmc.diagnostics import report
+    from pyro_sgmcmc.kernels import WarmupError
+
+    init = {"x": torch.tensor([-5.0, 5.0, -5.0, 5.0])}
+    pyro.set_rng_seed(0)
+    kernel = SGHMCKernel(_bimodal)
+    mcmc = MCMC(kernel, num_chains=4, warmup_steps=200, num_samples=50, initial_params=init,
+                disable_progbar=True)  # fmt: skip
+    with pytest.warns(UserWarning, match="warm-up did not converge"):
+        mcmc.run()
+    assert kernel.warmup_report["problems"]
+    assert mcmc.diagnostics()["warmup"]["chain 0"]["problems"]
+    mcmc.summary()
+    assert "WARM-UP PROBLEM" in capsys.readouterr().out
+    assert "WARM-UP PROBLEM" in str(report(mcmc))
+    assert "PROBLEM" in kernel.logging()["warm-up"]
+    pyro.set_rng_seed(0)
+    strict = MCMC(SGHMCKernel(_bimodal, strict=True), num_chains=4, warmup_steps=200,
+                  num_samples=50, initial_params=init, disable_progbar=True)  # fmt: skip
+    with pytest.raises(WarmupError, match="did not converge"):
+        strict.run()

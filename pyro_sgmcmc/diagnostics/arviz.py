@@ -319,6 +319,9 @@ class Report:
         num_divergences: divergent draws recorded (``None``: the run records none).
         ksd: the run's kernelized Stein discrepancy (``None`` without ``score``).
         ksd_kwargs: the KSD settings (kernel, bandwidth, ...).
+        warmup_problems: what the kernel's end-of-warm-up check reported (an SGMCMC
+            kernel's ``warmup_report["problems"]``; empty when it passed or for other
+            kernels): a run whose warm-up failed is not to be trusted.
     """
 
     table: pd.DataFrame
@@ -328,11 +331,13 @@ class Report:
     num_divergences: int | None = None
     ksd: float | None = None
     ksd_kwargs: dict | None = None
+    warmup_problems: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        lines = [f"{self.num_chains} chains x {self.num_draws} draws"]
+        lines = [f"WARM-UP PROBLEM: {p}" for p in self.warmup_problems]
+        lines.append(f"{self.num_chains} chains x {self.num_draws} draws")
         if self.num_superchains >= 2:
-            lines[0] += (
+            lines[-1] += (
                 f"; nested R-hat over {self.num_superchains} superchains of "
                 f"{self.num_chains // self.num_superchains} chains"
             )
@@ -480,4 +485,11 @@ def report(
         num_divergences=num_div,
         ksd=ksd_value,
         ksd_kwargs=opts,
+        warmup_problems=_warmup_problems(mcmc_or_samples),
     )
+
+
+def _warmup_problems(run: Any) -> tuple[str, ...]:
+    """The end-of-warm-up problems an SGMCMC kernel reported (none for other runs)."""
+    report = getattr(getattr(run, "kernel", None), "warmup_report", None)
+    return tuple(report["problems"]) if isinstance(report, dict) else ()
