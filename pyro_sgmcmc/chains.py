@@ -22,7 +22,10 @@ Long runs can save their state every ``checkpoint_every`` steps and resume exact
 
 from __future__ import annotations
 
+import operator
 import os
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -125,6 +128,10 @@ class MCMC(pyro.infer.MCMC):
         transforms: dict | None = None,
         save_params: list[str] | None = None,
     ) -> None:
+        _check_count("num_samples", num_samples, 1)
+        _check_count("num_chains", num_chains, 1)
+        if warmup_steps is not None:
+            _check_count("warmup_steps", warmup_steps, 0)
         if chain_method not in _CHAIN_METHODS:
             raise ValueError(f"chain_method must be one of {_CHAIN_METHODS}, got {chain_method!r}")
         if chain_rng not in ("batched", "per_chain"):
@@ -254,12 +261,11 @@ class MCMC(pyro.infer.MCMC):
                 params = dict(kernel.current_params)
             total = self.warmup_steps + self.num_samples
             disable = self._disable_progbar or (self.group is not None and not self.group.is_main)
-            with tqdm(
-                total=total,
-                initial=start,
-                disable=disable,
-                desc="Warmup" if start <= self.warmup_steps else "Sample",
-            ) as bar:
+            progress = Progress(
+                self.warmup_steps, self.num_samples, getattr(kernel, "thinning", 1),
+                chains, start=start, disable=disable,
+            )  # fmt: skip
+            with progress:
                 for i in range(start, total):
                     params = kernel.sample(params)
                     warm = i < self.warmup_steps
@@ -268,11 +274,7 @@ class MCMC(pyro.infer.MCMC):
                         self._hook(kernel, params, stage, i if warm else i - self.warmup_steps)
                     if not warm and (self.keep == "all" or i == total - 1):
                         sink.append({n: self._constrain(n, params[n]) for n in names})
-                    if i == self.warmup_steps:
-                        bar.set_description("Sample", refresh=False)
-                    if i % 50 == 0 or i == total - 1:
-                        bar.set_postfix(kernel.logging(), refresh=False)
-                    bar.update()
+                    progress.update(i, kernel.logging)
                     if self.checkpoint is not None and (i + 1) % self.checkpoint_every == 0:
                         self._save_checkpoint(kernel, sink, i + 1, initial_params)
             sink.close()
@@ -391,6 +393,93 @@ class MCMC(pyro.infer.MCMC):
             tmp,
         )
         os.replace(tmp, path)
+
+
+class Progress:
+    """The progress of a run in sampler steps (a thinned draw costs ``thinning`` steps).
+
+    On a terminal, a tqdm bar with the kernel's figures; when stderr is not a terminal
+    (a log file, CI), a few plain lines instead: the start, the end of warm-up, each
+    quarter of the run and its end.
+    """
+
+    def __init__(
+        self, warmup: int, samples: int, thinning: int, chains: int, *, start: int = 0,
+        disable: bool = False, stream=None,
+    ) -> None:  # fmt: skip
+        self.warmup, self.thinning = warmup, thinning
+        self.total = warmup + samples * thinning
+        self.chains, self.start, self.disable = chains, start, disable
+        self.stream = sys.stderr if stream is None else stream
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+        self._bar = None
+        self._marks: list[int] = []
+        self._t0 = time.perf_counter()
+
+    def steps(self, iteration: int) -> int:
+        """Sampler steps done after ``iteration`` calls of the kernel."""
+        extra = max(iteration - self.warmup, 0)
+        return min(iteration, self.warmup) + extra * self.thinning
+
+    def __enter__(self) -> Progress:
+        if self.disable:
+            return self
+        done = self.steps(self.start)
+        if self.tty:
+            self._bar = tqdm(
+                total=self.total, initial=done, file=self.stream, unit="step",
+                desc="Warmup" if self.start < self.warmup else "Sample",
+            )  # fmt: skip
+        else:
+            self._marks = sorted({self.warmup, *(self.total * q // 4 for q in (1, 2, 3, 4))})
+            self._marks = [m for m in self._marks if done < m]
+            chains = f"{self.chains} chain{'s' if self.chains != 1 else ''}"
+            self._line(
+                f"MCMC: {chains}, {self.warmup} warm-up + {self.total - self.warmup} sampling "
+                f"steps (thinning {self.thinning})" + (f", resuming at step {done}" if done else "")
+            )
+        return self
+
+    def update(self, iteration: int, logging) -> None:
+        """Record that call ``iteration`` (0-based) of the kernel is done."""
+        if self.disable:
+            return
+        before, after = self.steps(iteration), self.steps(iteration + 1)
+        stage = "Warmup" if iteration < self.warmup else "Sample"
+        if self._bar is not None:
+            if iteration == self.warmup:
+                self._bar.set_description("Sample", refresh=False)
+            first = iteration == self.start
+            if first or iteration % 50 == 0 or after == self.total:
+                self._bar.set_postfix(logging(), refresh=False)
+            self._bar.update(after - before)
+            return
+        if self._marks and after >= self._marks[0]:
+            while self._marks and after >= self._marks[0]:
+                self._marks.pop(0)
+            figures = ", ".join(f"{k}={v}" for k, v in logging().items())
+            self._line(
+                f"{stage}: step {after}/{self.total} ({100 * after // self.total}%), "
+                f"{time.perf_counter() - self._t0:.1f} s" + (f", {figures}" if figures else "")
+            )
+
+    def _line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _check_count(name: str, value: Any, low: int) -> None:
+    """A ``ValueError`` at construction for a count that is not an integer >= ``low``."""
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= low
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _device_of(args, kwargs) -> torch.device:

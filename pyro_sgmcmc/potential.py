@@ -129,6 +129,29 @@ class IndexStream:
         self._perm, self._pos = state["perm"].clone(), state["pos"]
 
 
+def _setup_failure(error, partial, access, named, plate) -> ModelError:
+    """The :class:`ModelError` for a model that fails on its own arguments: a plate whose
+    indices run past a tensor's end, or a dtype clash, named with its fix."""
+    per_datum = set()
+    for name, site in partial.nodes.items():
+        if not is_plate_site(site) or (plate is not None and name != plate):
+            continue
+        records = pyro_model.plate_indexed(access.records, site["value"])
+        per_datum |= {arg for arg, *_ in records}
+        try:
+            pyro_model.check_plate_indexing(records, name, site["fn"].size, site["value"])
+        except ModelError as e:
+            return e
+    try:  # non-finite covariates make a distribution's parameters invalid
+        pyro_model.check_argument_values(named, per_datum)
+    except ModelError as e:
+        return e
+    sites = pyro_model.sample_sites(partial).values()
+    floats = [s["value"].dtype for s in sites if not s["is_observed"]
+              and torch.is_tensor(s["value"]) and s["value"].dtype.is_floating_point]  # fmt: skip
+    return pyro_model.explain_failure(error, named, floats[0] if floats else None)
+
+
 class PyroPotential:
     """A Pyro model as a minibatch potential over its unconstrained latent sites.
 
@@ -195,16 +218,40 @@ class PyroPotential:
         self.init_strategy = init_strategy
         self.generator = generator
 
+        named = pyro_model.model_arg_names(model, self.model_args, self.model_kwargs)
+        access = pyro_model.DataAccess(named)
+        tracer = poutine.trace(model)
         with pyro.validation_enabled(True):
             try:
-                prototype = poutine.trace(model).get_trace(*self.model_args, **self.model_kwargs)
+                with access:
+                    prototype = tracer.get_trace(*self.model_args, **self.model_kwargs)
             except Exception as e:
-                raise ModelError(f"the model failed on its own arguments: {e}") from e
+                raise _setup_failure(e, tracer.msngr.trace, access, named, plate) from e
 
         plates = {name: site for name, site in prototype.nodes.items() if is_plate_site(site)}
         observed = [site for _, site in pyro_model.observed_sites(prototype)]
         self.plate_name = pyro_model.find_data_plate(plates, observed, plate, subsample_size)
         self.plate_size = None if self.plate_name is None else plates[self.plate_name]["fn"].size
+        #: The minibatch size the model's own plate fixes (``pyro.plate("data", N,
+        #: subsample_size=B)``): it then only accepts batches of exactly ``B`` indices.
+        self.model_subsample_size = None
+        if self.plate_name is not None:
+            own = plates[self.plate_name]["fn"].subsample_size
+            if own is not None and own < self.plate_size:
+                self.model_subsample_size = int(own)
+                if subsample_size is None:
+                    subsample_size = self.model_subsample_size  # the model's own minibatch
+                elif subsample_size != own:
+                    raise ModelError(
+                        f"subsample_size={subsample_size} differs from the model's own "
+                        f"`pyro.plate('{self.plate_name}', {self.plate_size}, "
+                        f"subsample_size={own})`: pass subsample_size={own} (or None, which "
+                        "uses the model's), or drop subsample_size from the model's plate"
+                    )
+            pyro_model.check_plate_indexing(
+                access.records, self.plate_name, self.plate_size, plates[self.plate_name]["value"]
+            )
+        self._check_data(prototype, named, access)
         self.plate_dim = None
         if self.plate_name is not None:
             for site in observed:
@@ -252,6 +299,58 @@ class PyroPotential:
         self._check_minibatch_shapes()
 
     # ------------------------------------------------------------------ set-up checks
+    def _check_data(self, prototype, named, access) -> None:
+        """One pass over the whole data before the first step: integer or bool data for
+        a likelihood that scores floats is converted (or a clear error), and every
+        observed value must be finite and in its likelihood's support (where not masked),
+        and a likelihood that is not finite there is traced to a non-finite covariate (a
+        :class:`ModelError` naming the site or argument, the first bad datum and the
+        fix)."""
+        fixed = self.model_subsample_size
+        traces = [(prototype, None)]
+        if fixed is not None:
+            # The plate takes exactly `fixed` indices: check the data chunk by chunk.
+            device = prototype.nodes[self.plate_name]["value"].device
+            traces = []
+            for idx, _ in self._index_chunks(fixed, device):
+                cond = poutine.condition(self.model, {self.plate_name: idx})
+                with pyro.validation_enabled(False):
+                    tr = poutine.trace(cond).get_trace(*self.model_args, **self.model_kwargs)
+                pyro_model.check_observed_values(tr, self.plate_name, idx)
+                traces.append((tr, idx))
+        else:
+            pyro_model.check_observed_values(prototype, self.plate_name, None)
+        latents = [v["value"] for _, v in pyro_model.sample_sites(prototype).items()
+                   if not v["is_observed"] and torch.is_tensor(v["value"])]  # fmt: skip
+        floats = [v.dtype for v in latents if v.dtype.is_floating_point]
+        casts = pyro_model.observed_casts(prototype, floats[0] if floats else
+                                          torch.get_default_dtype())  # fmt: skip
+        if casts:
+            self.model = pyro_model.CastObserved(casts)(self.model)
+        finite = all(pyro_model.observed_log_prob_finite(tr, casts) for tr, _ in traces)
+        if not finite:
+            # Valid observations, a non-finite likelihood: name a non-finite covariate.
+            per_datum = set()
+            if self.plate_name is not None:
+                indices = prototype.nodes[self.plate_name]["value"]
+                per_datum = {n for n, *_ in pyro_model.plate_indexed(access.records, indices)}
+            pyro_model.check_argument_values(named, per_datum)
+
+    def _index_chunks(self, size: int, device) -> list[tuple[Tensor, int]]:
+        """The data plate's indices in chunks of ``size``, as ``(indices, rows)``: with a
+        plate that fixes its own minibatch size every chunk has exactly ``size`` indices
+        (the last wraps round to the start) and only its first ``rows`` are new."""
+        n = self.plate_size
+        chunks = []
+        for start in range(0, n, size):
+            rows = min(size, n - start)
+            if self.model_subsample_size is not None:
+                idx = torch.arange(start, start + size, device=device) % n
+            else:
+                idx = torch.arange(start, start + rows, device=device)
+            chunks.append((idx, rows))
+        return chunks
+
     def _check_minibatch_shapes(self) -> None:
         """Trace once on a minibatch: the data plate's sites must have its batch size."""
         if self.plate_name is None:
@@ -361,15 +460,70 @@ class PyroPotential:
             return torch.arange(self.plate_size, device=next(iter(phi.values())).device)
         return indices
 
+    def _terms(self, phi, indices) -> dict[str, Tensor]:
+        fixed = self.model_subsample_size
+        if fixed is not None and (indices is None or indices.numel() != fixed):
+            return self._chunked_terms(phi, indices)
+        return dict(self._log_terms(phi, self._full_indices(phi, indices)))
+
+    def _chunks_of(self, indices: Tensor) -> list[tuple[Tensor, int]]:
+        """``indices`` in chunks of exactly the model's own plate size ``B`` (the last
+        wraps round to the start), as ``(chunk, rows)``: only the first ``rows`` of a
+        chunk are new."""
+        b, m = self.model_subsample_size, indices.numel()
+        return [
+            (indices[torch.arange(start, start + b, device=indices.device) % m],
+             min(b, m - start))
+            for start in range(0, m, b)
+        ]  # fmt: skip
+
+    def _chunked_terms(self, phi, indices) -> dict[str, Tensor]:
+        """The terms on ``indices`` (all data if ``None``) for a plate that only takes
+        batches of its own size ``B``: one trace per chunk of ``B`` indices; the data
+        plate's sites are summed over each chunk's new rows, scaled ``N / len(indices)``
+        as an unrestricted plate would, every other term counted once."""
+        b, n = self.model_subsample_size, self.plate_size
+        if indices is None:
+            indices = torch.arange(n, device=next(iter(phi.values())).device)
+        m = indices.numel()
+        terms: dict[str, Tensor] = {}
+        for k, (idx, rows) in enumerate(self._chunks_of(indices)):
+            tr = self._trace(phi, idx)
+            with pyro.validation_enabled(False):
+                for name, site in tr.nodes.items():
+                    if site["type"] != "sample" or is_plate_site(site):
+                        continue
+                    frame = site_frames(site).get(self.plate_name)
+                    if frame is None:
+                        if k == 0:
+                            lp = site["fn"].log_prob(site["value"])
+                            terms[name] = scale_and_mask(lp, site["scale"], site["mask"]).sum()
+                        continue
+                    # The plate scales its sites by N / B: rescale to N / m.
+                    lp = site["fn"].log_prob(site["value"])
+                    lp = scale_and_mask(lp, site["scale"] * b / m, site["mask"])
+                    if -frame.dim <= lp.dim() and lp.shape[frame.dim] == b:
+                        lp = lp.movedim(frame.dim, 0)[:rows]
+                    else:
+                        lp = lp * rows / b
+                    terms[name] = terms.get(name, 0.0) + lp.sum()
+            if k == 0:
+                for name in self.latent_names:
+                    jac = self._to_constrained[name].log_abs_det_jacobian(
+                        phi[name], tr.nodes[name]["value"]
+                    )
+                    terms[f"{name} (log-Jacobian)"] = jac.sum()
+        return terms
+
     def log_density_terms(
         self, phi: dict[str, Tensor], indices: Tensor | None = None
     ) -> dict[str, Tensor]:
         """Scaled log-density of each site and each latent's log-Jacobian, as scalars."""
-        return dict(self._log_terms(phi, self._full_indices(phi, indices)))
+        return self._terms(phi, indices)
 
     def potential(self, phi: dict[str, Tensor], indices: Tensor | None = None) -> Tensor:
         """:math:`\\tilde U(\\phi)` on the minibatch ``indices`` (all data if ``None``)."""
-        total = sum(lp for _, lp in self._log_terms(phi, self._full_indices(phi, indices)))
+        total = sum(self._terms(phi, indices).values())
         return -total / self.num_data
 
     def potential_and_grad(
@@ -417,6 +571,16 @@ class PyroPotential:
 
     def per_example_log_likelihood(self, phi: dict[str, Tensor], indices: Tensor) -> Tensor:
         """Unscaled log-likelihood of each datum in the minibatch, shape ``(B,)``."""
+        fixed = self.model_subsample_size
+        if fixed is not None and indices.numel() != fixed:
+            parts = [
+                self._per_example_log_likelihood(phi, idx)[:rows]
+                for idx, rows in self._chunks_of(indices)
+            ]
+            return torch.cat(parts)
+        return self._per_example_log_likelihood(phi, indices)
+
+    def _per_example_log_likelihood(self, phi, indices):
         tr = self._trace(phi, indices)
         total = 0.0
         for site in tr.nodes.values():
@@ -490,17 +654,18 @@ class PyroPotential:
             raise ModelError("per-example gradients need a data plate")
         device = next(iter(phi.values())).device
 
-        def chunks(size):
-            n = self.plate_size
-            return [torch.arange(i, min(i + size, n), device=device) for i in range(0, n, size)]
+        fixed = self.model_subsample_size  # a plate that takes only batches of B
+
+        def grads(fn, size):
+            chunks = self._index_chunks(max(fixed or size, size), device)
+            return [{k: g[:rows] for k, g in fn(phi, idx).items()} for idx, rows in chunks]
 
         try:
-            parts = [self._vmapped_per_example_grads(phi, idx) for idx in chunks(chunk_size)]
+            parts = grads(self._vmapped_per_example_grads, chunk_size)
         except Exception:  # noqa: BLE001 - an op without a vmap rule
             # A batched backward over the (B, B) identity costs B backward passes of the
             # chunk: quadratic in B, hence small chunks.
-            small = chunks(min(chunk_size, 256))
-            parts = [self._backward_per_example_grads(phi, idx) for idx in small]
+            parts = grads(self._backward_per_example_grads, min(chunk_size, 256))
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def _vmapped_per_example_grads(

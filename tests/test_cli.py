@@ -23,7 +23,8 @@ from pyro_sgmcmc.experiments import (
 from pyro_sgmcmc.potential import PyroPotential
 
 PIMA_ROWS = [
-    "Pyro NUTS",
+    "Pyro NUTS (reference; 64 evenly spaced of its 100 draws)",
+    "exact iid draws (expected KSD)",
     "SGLD (batch 32)",
     "SGHMC (full batch)",
     "SGHMC (batch 32)",
@@ -90,6 +91,9 @@ def test_pima_main_job_writes_table_and_figure(capsys, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == PIMA_ROWS
     assert list(rows[0]) == PIMA_COLUMNS
+    iid = rows.pop(1)  # a computed level, not a run
+    assert iid["seconds"] == iid["min_ess_per_s"] == iid["max_mean_error"] == ""
+    assert float(iid["ksd_imq"]) == float(iid["ksd_rbf"]) > 0
     for r in rows:
         assert int(r["draws"]) == 64  # the fewest any method kept (64 parallel chains)
         assert float(r["ksd_rbf"]) > 0 and float(r["ksd_imq"]) > 0
@@ -113,8 +117,10 @@ def test_pima_methods_option_runs_the_chosen_groups_only(capsys, tmp_path):
     assert main([*args, "--out", str(tmp_path)]) == 0
     with open(tmp_path / "pima_table.csv", newline="") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
-    assert list(rows) == [PIMA_ROWS[0], *(r for r in PIMA_ROWS if r.startswith(("Lap", "EKF")))]
-    assert float(rows[PIMA_ROWS[8]]["max_mean_error"]) < 0.35  # dense GGN Laplace
+    reference = "Pyro NUTS (reference; all of its 1000 draws)"
+    gaussians = [r for r in PIMA_ROWS if r.startswith(("Lap", "EKF"))]
+    assert list(rows) == [reference, PIMA_ROWS[1], *gaussians]
+    assert float(rows[gaussians[0]]["max_mean_error"]) < 0.35  # dense GGN Laplace
     assert not (tmp_path / "pima_trace.png").exists()  # no serial SGHMC run
     with pytest.raises(SystemExit):
         main(["pima", "--methods", "laplace,nope"])

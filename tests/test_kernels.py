@@ -272,8 +272,8 @@ def test_error_nonfinite_potential_names_site():
             pyro.sample("obs", dist.Normal(mu, 1.0), obs=y[idx])
 
     y = torch.randn(20)
-    y[3] = float("nan")  # missing data coded as NaN
-    with pytest.raises(NonFiniteError, match="'obs'"):
+    y[3] = float("nan")  # missing data coded as NaN: caught by the set-up data check
+    with pytest.raises(ModelError, match="'obs'.*data row 3"):
         setup_kernel(SGHMCKernel(model), y)
 
 

@@ -23,7 +23,14 @@ from torch import Tensor
 
 from pyro_sgmcmc.chains import MCMC
 from pyro_sgmcmc.diagnostics.ksd import ksd
-from pyro_sgmcmc.experiments.report import ensure_dir, format_columns, thin_to, timed, write_rows
+from pyro_sgmcmc.experiments.report import (
+    ensure_dir,
+    format_columns,
+    pyro_progbar,
+    thin_to,
+    timed,
+    write_rows,
+)
 from pyro_sgmcmc.kernels import SGHMCKernel
 
 __all__ = [
@@ -194,7 +201,7 @@ def run_double_well(
         num_samples=chains,
         warmup_steps=warmup,
         initial_params={"x": torch.tensor([1.0, 0.5])},
-        disable_progbar=not progress,
+        disable_progbar=not pyro_progbar(progress),
     )
     _, seconds["serial SGHMC"] = timed(ser.run)
     draws["serial SGHMC"] = ser.get_samples()["x"]

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ __all__ = [
     "iid_ksd_level",
     "min_bulk_ess",
     "plot_marginals",
+    "pyro_progbar",
     "thin_to",
     "timed",
     "write_rows",
@@ -59,13 +61,14 @@ class MethodRun:
 
 @dataclass
 class TableRow:
-    """One row of the Pima table (``None``: not applicable)."""
+    """One row of the Pima table (``None``: not applicable, e.g. the wall time of the
+    exact-iid row, which is a computed level, not a run)."""
 
     method: str
     draws: int
     ksd_rbf: float
     ksd_imq: float
-    seconds: float
+    seconds: float | None
     min_ess_per_s: float | None
     max_mean_error: float | None
 
@@ -81,6 +84,13 @@ def thin_to(draws: Tensor, n: int) -> Tensor:
         return draws
     idx = torch.linspace(0, draws.shape[0] - 1, n).round().long()
     return draws[idx]
+
+
+def pyro_progbar(progress: bool) -> bool:
+    """Whether to show ``pyro.infer.MCMC``'s own progress bar: only on a terminal (its
+    carriage-return updates fill a log file; :class:`pyro_sgmcmc.MCMC` writes a few
+    plain lines there instead)."""
+    return progress and sys.stderr.isatty()
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -166,11 +176,11 @@ def format_table(rows: Sequence[TableRow]) -> str:
             f"{r.draws:>5d}",
             f"{r.ksd_rbf:9.4f}",
             f"{r.ksd_imq:9.4f}",
-            f"{r.seconds:8.1f}",
-            fmt(r.min_ess_per_s, "9.1f"),
-            fmt(r.max_mean_error, "13.3f", "(reference)"),
+            fmt(r.seconds, "8.1f", "-"),
+            fmt(r.min_ess_per_s, "9.1f", "-" if r.seconds is None else "n/a"),
+            fmt(r.max_mean_error, "13.3f", "(reference)" if i == 0 else "-"),
         ]
-        for r in rows
+        for i, r in enumerate(rows)
     ]
     return format_columns(columns, cells)
 
