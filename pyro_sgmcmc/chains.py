@@ -326,7 +326,10 @@ class MCMC(pyro.infer.MCMC):
             return super().diagnostics()
 
     def summary(self, prob: float = 0.9) -> None:
-        """As ``pyro.infer.MCMC.summary``, over the chains this process holds."""
+        """As ``pyro.infer.MCMC.summary``, over the chains this process holds, with the
+        kernel's warm-up problems (if any) printed first."""
+        for problem in getattr(self.kernel, "warmup_report", {}).get("problems", []):
+            print(f"WARM-UP PROBLEM: {problem}")
         with self._held_chains():
             super().summary(prob)
 
