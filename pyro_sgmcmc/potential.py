@@ -51,7 +51,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
 from torch import Tensor
 from torch.distributions import biject_to
 
-from pyro_sgmcmc import pyro_model
+from pyro_sgmcmc import model_checks, pyro_model
 from pyro_sgmcmc.pyro_model import (
     ModelError,
     is_identity_transform,
@@ -129,29 +129,6 @@ class IndexStream:
         self._perm, self._pos = state["perm"].clone(), state["pos"]
 
 
-def _setup_failure(error, partial, access, named, plate) -> ModelError:
-    """The :class:`ModelError` for a model that fails on its own arguments: a plate whose
-    indices run past a tensor's end, or a dtype clash, named with its fix."""
-    per_datum = set()
-    for name, site in partial.nodes.items():
-        if not is_plate_site(site) or (plate is not None and name != plate):
-            continue
-        records = pyro_model.plate_indexed(access.records, site["value"])
-        per_datum |= {arg for arg, *_ in records}
-        try:
-            pyro_model.check_plate_indexing(records, name, site["fn"].size, site["value"])
-        except ModelError as e:
-            return e
-    try:  # non-finite covariates make a distribution's parameters invalid
-        pyro_model.check_argument_values(named, per_datum)
-    except ModelError as e:
-        return e
-    sites = pyro_model.sample_sites(partial).values()
-    floats = [s["value"].dtype for s in sites if not s["is_observed"]
-              and torch.is_tensor(s["value"]) and s["value"].dtype.is_floating_point]  # fmt: skip
-    return pyro_model.explain_failure(error, named, floats[0] if floats else None)
-
-
 class PyroPotential:
     """A Pyro model as a minibatch potential over its unconstrained latent sites.
 
@@ -218,15 +195,15 @@ class PyroPotential:
         self.init_strategy = init_strategy
         self.generator = generator
 
-        named = pyro_model.model_arg_names(model, self.model_args, self.model_kwargs)
-        access = pyro_model.DataAccess(named)
+        named = model_checks.model_arg_names(model, self.model_args, self.model_kwargs)
+        access = model_checks.DataAccess(named)
         tracer = poutine.trace(model)
         with pyro.validation_enabled(True):
             try:
                 with access:
                     prototype = tracer.get_trace(*self.model_args, **self.model_kwargs)
             except Exception as e:
-                raise _setup_failure(e, tracer.msngr.trace, access, named, plate) from e
+                raise model_checks.setup_failure(e, tracer.msngr.trace, access, named, plate) from e
 
         plates = {name: site for name, site in prototype.nodes.items() if is_plate_site(site)}
         observed = [site for _, site in pyro_model.observed_sites(prototype)]
@@ -248,10 +225,12 @@ class PyroPotential:
                         f"subsample_size={own})`: pass subsample_size={own} (or None, which "
                         "uses the model's), or drop subsample_size from the model's plate"
                     )
-            pyro_model.check_plate_indexing(
+            model_checks.check_plate_indexing(
                 access.records, self.plate_name, self.plate_size, plates[self.plate_name]["value"]
             )
-        self._check_data(prototype, named, access)
+        casts = model_checks.check_data(self, prototype, named, access)
+        if casts:  # integer or bool data for a likelihood that scores floats
+            self.model = model_checks.CastObserved(casts)(self.model)
         self.plate_dim = None
         if self.plate_name is not None:
             for site in observed:
@@ -299,44 +278,7 @@ class PyroPotential:
         self._check_minibatch_shapes()
 
     # ------------------------------------------------------------------ set-up checks
-    def _check_data(self, prototype, named, access) -> None:
-        """One pass over the whole data before the first step: integer or bool data for
-        a likelihood that scores floats is converted (or a clear error), and every
-        observed value must be finite and in its likelihood's support (where not masked),
-        and a likelihood that is not finite there is traced to a non-finite covariate (a
-        :class:`ModelError` naming the site or argument, the first bad datum and the
-        fix)."""
-        fixed = self.model_subsample_size
-        traces = [(prototype, None)]
-        if fixed is not None:
-            # The plate takes exactly `fixed` indices: check the data chunk by chunk.
-            device = prototype.nodes[self.plate_name]["value"].device
-            traces = []
-            for idx, _ in self._index_chunks(fixed, device):
-                cond = poutine.condition(self.model, {self.plate_name: idx})
-                with pyro.validation_enabled(False):
-                    tr = poutine.trace(cond).get_trace(*self.model_args, **self.model_kwargs)
-                pyro_model.check_observed_values(tr, self.plate_name, idx)
-                traces.append((tr, idx))
-        else:
-            pyro_model.check_observed_values(prototype, self.plate_name, None)
-        latents = [v["value"] for _, v in pyro_model.sample_sites(prototype).items()
-                   if not v["is_observed"] and torch.is_tensor(v["value"])]  # fmt: skip
-        floats = [v.dtype for v in latents if v.dtype.is_floating_point]
-        casts = pyro_model.observed_casts(prototype, floats[0] if floats else
-                                          torch.get_default_dtype())  # fmt: skip
-        if casts:
-            self.model = pyro_model.CastObserved(casts)(self.model)
-        finite = all(pyro_model.observed_log_prob_finite(tr, casts) for tr, _ in traces)
-        if not finite:
-            # Valid observations, a non-finite likelihood: name a non-finite covariate.
-            per_datum = set()
-            if self.plate_name is not None:
-                indices = prototype.nodes[self.plate_name]["value"]
-                per_datum = {n for n, *_ in pyro_model.plate_indexed(access.records, indices)}
-            pyro_model.check_argument_values(named, per_datum)
-
-    def _index_chunks(self, size: int, device) -> list[tuple[Tensor, int]]:
+    def index_chunks(self, size: int, device) -> list[tuple[Tensor, int]]:
         """The data plate's indices in chunks of ``size``, as ``(indices, rows)``: with a
         plate that fixes its own minibatch size every chunk has exactly ``size`` indices
         (the last wraps round to the start) and only its first ``rows`` are new."""
@@ -479,40 +421,56 @@ class PyroPotential:
 
     def _chunked_terms(self, phi, indices) -> dict[str, Tensor]:
         """The terms on ``indices`` (all data if ``None``) for a plate that only takes
-        batches of its own size ``B``: one trace per chunk of ``B`` indices; the data
-        plate's sites are summed over each chunk's new rows, scaled ``N / len(indices)``
-        as an unrestricted plate would, every other term counted once."""
-        b, n = self.model_subsample_size, self.plate_size
+        batches of its own size ``B``: the model runs on chunks of ``B`` indices (one
+        vmapped run; a loop for models without vmap rules); the data plate's sites are
+        summed over each chunk's new rows, scaled ``N / len(indices)`` as an unrestricted
+        plate would, every other term counted once."""
         if indices is None:
-            indices = torch.arange(n, device=next(iter(phi.values())).device)
+            indices = torch.arange(self.plate_size, device=next(iter(phi.values())).device)
         m = indices.numel()
+        chunks = self._chunks_of(indices)
+        try:
+            per_chunk = torch.func.vmap(lambda idx: self._chunk_terms(phi, idx, m))(
+                torch.stack([idx for idx, _ in chunks])
+            )
+            parts = [{k: v[i] for k, v in per_chunk.items()} for i in range(len(chunks))]
+        except Exception:  # noqa: BLE001 - an op without a vmap rule: one run per chunk
+            parts = [self._chunk_terms(phi, idx, m) for idx, _ in chunks]
         terms: dict[str, Tensor] = {}
-        for k, (idx, rows) in enumerate(self._chunks_of(indices)):
-            tr = self._trace(phi, idx)
-            with pyro.validation_enabled(False):
-                for name, site in tr.nodes.items():
-                    if site["type"] != "sample" or is_plate_site(site):
-                        continue
-                    frame = site_frames(site).get(self.plate_name)
-                    if frame is None:
-                        if k == 0:
-                            lp = site["fn"].log_prob(site["value"])
-                            terms[name] = scale_and_mask(lp, site["scale"], site["mask"]).sum()
-                        continue
-                    # The plate scales its sites by N / B: rescale to N / m.
-                    lp = site["fn"].log_prob(site["value"])
-                    lp = scale_and_mask(lp, site["scale"] * b / m, site["mask"])
-                    if -frame.dim <= lp.dim() and lp.shape[frame.dim] == b:
-                        lp = lp.movedim(frame.dim, 0)[:rows]
-                    else:
-                        lp = lp * rows / b
-                    terms[name] = terms.get(name, 0.0) + lp.sum()
-            if k == 0:
-                for name in self.latent_names:
-                    jac = self._to_constrained[name].log_abs_det_jacobian(
-                        phi[name], tr.nodes[name]["value"]
-                    )
-                    terms[f"{name} (log-Jacobian)"] = jac.sum()
+        for name, value in parts[0].items():
+            if value.dim() == 0:  # outside the data plate: the same in every chunk
+                terms[name] = value
+            else:
+                rows = [r for _, r in chunks]
+                terms[name] = sum(p[name][:r].sum() for p, r in zip(parts, rows, strict=True))
+        return terms
+
+    def _chunk_terms(self, phi, idx, m) -> dict[str, Tensor]:
+        """One chunk's terms: scalars outside the data plate, the ``B`` rows' terms (at
+        the scale ``N / m``) for the plate's sites."""
+        b = self.model_subsample_size
+        tr = self._trace(phi, idx)
+        terms = {}
+        with pyro.validation_enabled(False):
+            for name, site in tr.nodes.items():
+                if site["type"] != "sample" or is_plate_site(site):
+                    continue
+                lp = site["fn"].log_prob(site["value"])
+                frame = site_frames(site).get(self.plate_name)
+                if frame is None:
+                    terms[name] = scale_and_mask(lp, site["scale"], site["mask"]).sum()
+                    continue
+                # The plate scales its sites by N / B: rescale to N / m, one term per row.
+                lp = scale_and_mask(lp, site["scale"] * b / m, site["mask"])
+                if -frame.dim <= lp.dim() and lp.shape[frame.dim] == b:
+                    terms[name] = lp.movedim(frame.dim, 0).reshape(b, -1).sum(-1)
+                else:
+                    terms[name] = lp.sum().expand(b) / b
+        for name in self.latent_names:
+            jac = self._to_constrained[name].log_abs_det_jacobian(
+                phi[name], tr.nodes[name]["value"]
+            )
+            terms[f"{name} (log-Jacobian)"] = jac.sum()
         return terms
 
     def log_density_terms(
@@ -657,7 +615,7 @@ class PyroPotential:
         fixed = self.model_subsample_size  # a plate that takes only batches of B
 
         def grads(fn, size):
-            chunks = self._index_chunks(max(fixed or size, size), device)
+            chunks = self.index_chunks(max(fixed or size, size), device)
             return [{k: g[:rows] for k, g in fn(phi, idx).items()} for idx, rows in chunks]
 
         try:
@@ -671,13 +629,32 @@ class PyroPotential:
     def _vmapped_per_example_grads(
         self, phi: dict[str, Tensor], indices: Tensor
     ) -> dict[str, Tensor]:
+        params = {k: v.detach() for k, v in phi.items()}
+        if self.model_subsample_size is not None:
+            return self._fixed_plate_per_example_grads(params, indices)
+
         def log_lik(params, idx):
             return self.per_example_log_likelihood(params, idx).sum()
 
         grads = torch.func.vmap(torch.func.grad(log_lik), in_dims=(None, 0))(
-            {k: v.detach() for k, v in phi.items()}, indices[:, None]
+            params, indices[:, None]
         )
         return {k: g.detach() for k, g in grads.items()}
+
+    def _fixed_plate_per_example_grads(
+        self, params: dict[str, Tensor], indices: Tensor
+    ) -> dict[str, Tensor]:
+        """Per-example gradients for a plate that takes only batches of its own size
+        ``B``: the Jacobian of each chunk's ``B`` log-likelihoods, vmapped over chunks."""
+        chunks = self._chunks_of(indices)
+        stacked = torch.stack([idx for idx, _ in chunks])
+        jac = torch.func.vmap(
+            torch.func.jacrev(self._per_example_log_likelihood), in_dims=(None, 0)
+        )(params, stacked)
+        return {
+            k: torch.cat([g[i, :rows] for i, (_, rows) in enumerate(chunks)]).detach()
+            for k, g in jac.items()
+        }
 
     def draw_initial_params(
         self, strategy: Callable | None = None, indices: Tensor | None = None
