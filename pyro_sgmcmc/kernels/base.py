@@ -291,7 +291,7 @@ class SGMCMCKernel(SteppingMixin, WarmupMixin, CheckpointMixin, MCMCKernel):
         self._calls += 1
         if self._calls == self._warmup_steps:
             self._end_warmup()
-        if self._calls % 100 == 0 or self._calls == self._warmup_steps:
+        if self._calls % 100 == 0 or self._calls in (1, self._warmup_steps):
             self._update_log()
         return self.current_params
 
