@@ -104,11 +104,15 @@ class ColdPosteriorRecord:
     draws: int
 
 
-def _generator(seed: int, method: str, temperature: float | None) -> torch.Generator:
+def _generator(
+    seed: int, method: str, temperature: float | None, device: str = "cpu"
+) -> torch.Generator:
     """A generator of its own for each (seed, method, temperature), so that any part of
-    the grid reruns to the same numbers whatever else runs with it."""
+    the grid reruns to the same numbers whatever else runs with it; on ``device``, where
+    the noise it drives is drawn."""
     key = f"{seed}:{method}:{temperature!r}".encode()
-    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:7], "big"))
+    value = int.from_bytes(hashlib.sha256(key).digest()[:7], "big")
+    return torch.Generator(device=device).manual_seed(value)
 
 
 def ensemble_subsets(chains: int, size: int, count: int, seed: int) -> list[torch.Tensor]:
@@ -210,7 +214,7 @@ def run_cold_posterior(
             lin_share = (time.perf_counter() - t0) / len(temps)
             for temp in temps:
                 t0 = time.perf_counter()
-                gen = _generator(seed, name, temp)
+                gen = _generator(seed, name, temp, cfg.device)
                 draws = q.tempered(temp).sample(cfg.param_draws, gen)
                 probs = sampled_probs(net, draws, xt, cfg.eval_batch)
                 add(name, temp, seed, probs, share + time.perf_counter() - t0, cfg.param_draws)
@@ -229,7 +233,7 @@ def run_cold_posterior(
         # VI: one fit per temperature, from the MAP mean.
         for temp in temps:
             t0 = time.perf_counter()
-            gen = _generator(seed, "VI", temp)
+            gen = _generator(seed, "VI", temp, cfg.device)
             q = fit_vi(pot, map_params, x, y, temperature=temp, cfg=cfg, generator=gen)
             fit_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -251,7 +255,7 @@ def run_cold_posterior(
         # Serial SGHMC from the MAP.
         for temp in temps:
             t0 = time.perf_counter()
-            gen = _generator(seed, "serial SGHMC", temp)
+            gen = _generator(seed, "serial SGHMC", temp, cfg.device)
             chain = sghmc_serial(pot, map_params, x, y, temperature=temp, cfg=cfg, generator=gen)
             stacked = {k: torch.stack([d[k] for d in chain]) for k in chain[0]}
             probs = sampled_probs(net, stacked, xt, cfg.eval_batch)
@@ -272,7 +276,7 @@ def run_cold_posterior(
     }
     net = nets[0]
     pot = make_potential(net, n, cfg.prior_variance)
-    gen = _generator(base_seed, "parallel SGHMC start", None)
+    gen = _generator(base_seed, "parallel SGHMC start", None, cfg.device)
     starts = train_adamw_parallel(
         pot,
         starts,
@@ -287,7 +291,7 @@ def run_cold_posterior(
     subsets = ensemble_subsets(k, cfg.ensemble_size, cfg.seeds, base_seed)
     for temp in (0.0, *temps):
         t0 = time.perf_counter()
-        gen = _generator(base_seed, "parallel SGHMC", temp)
+        gen = _generator(base_seed, "parallel SGHMC", temp, cfg.device)
         final = sghmc_parallel(pot, starts, x, y, temperature=temp, cfg=cfg, generator=gen)
         member_probs = sampled_probs(net, final, xt, cfg.eval_batch, members=True)  # (K, B)
         seconds = start_share + time.perf_counter() - t0

@@ -220,7 +220,7 @@ def epoch_batches(
     n: int, batch_size: int, generator: torch.Generator, device: str = "cpu"
 ) -> Iterator[Tensor]:
     """Index batches of one shuffled epoch (the last, smaller batch dropped)."""
-    perm = torch.randperm(n, generator=generator).to(device)
+    perm = torch.randperm(n, generator=generator, device=generator.device).to(device)
     for start in range(0, n - batch_size + 1, batch_size):
         yield perm[start : start + batch_size]
 
@@ -351,7 +351,9 @@ def train_adamw_parallel(
     grads_of_chains = vmap(grad(pot.potential), in_dims=(0, 0))
     n = len(y)
     for _ in range(epochs):
-        perms = torch.stack([torch.randperm(n, generator=generator) for _ in range(k)])
+        perms = torch.stack(
+            [torch.randperm(n, generator=generator, device=generator.device) for _ in range(k)]
+        )
         perms = perms.to(x.device)
         for start in range(0, n - batch_size + 1, batch_size):
             idx = perms[:, start : start + batch_size]
@@ -484,7 +486,9 @@ def sghmc_parallel(
     state = sghmc.init(starts)
     n, b = len(y), cfg.batch_size
     for _ in range(cfg.parallel_epochs):
-        perms = torch.stack([torch.randperm(n, generator=generator) for _ in range(k)])
+        perms = torch.stack(
+            [torch.randperm(n, generator=generator, device=generator.device) for _ in range(k)]
+        )
         perms = perms.to(x.device)
         for start in range(0, n - b + 1, b):
             idx = perms[:, start : start + b]  # (K, B): chain k's batch
