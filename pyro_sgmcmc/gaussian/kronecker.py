@@ -167,6 +167,39 @@ def _scalar(value: float | Tensor, like: Tensor, what: str) -> Tensor:
     return t
 
 
+def _check_block(name: str, blk: KFACBlock, mean: Mapping[str, Tensor]) -> None:
+    """Raise unless ``blk``'s factors and bias fit its weight's shape in ``mean``."""
+    w = mean[blk.weight]
+    m = w.shape[0] if w.dim() else 1
+    n = w.numel() // m + (blk.bias is not None)
+    if blk.G.shape != (m, m) or blk.A.shape != (n, n):
+        raise ValueError(
+            f"block {name!r}: {blk.weight!r} {tuple(w.shape)}"
+            + (f" with bias {blk.bias!r}" if blk.bias else "")
+            + f" needs A ({n}, {n}) and G ({m}, {m}); got A {tuple(blk.A.shape)}, "
+            f"G {tuple(blk.G.shape)}"
+        )
+    if blk.bias is not None and mean[blk.bias].shape != (m,):
+        raise ValueError(
+            f"block {name!r}: bias {blk.bias!r} must have shape ({m},), got "
+            f"{tuple(mean[blk.bias].shape)}"
+        )
+
+
+def _eigendecompose(blk: KFACBlock) -> _Eigen:
+    alpha, u_a = torch.linalg.eigh(0.5 * (blk.A + blk.A.T).detach())
+    gamma, u_g = torch.linalg.eigh(0.5 * (blk.G + blk.G.T).detach())
+    return _Eigen(alpha.clamp_min(0), u_a, gamma.clamp_min(0), u_g)
+
+
+def _check_positive(lam: Tensor, where: str) -> None:
+    if not bool(torch.all(lam.detach() > 0)):
+        raise ValueError(
+            f"the precision of {where} is not positive definite (zero curvature and a "
+            "zero prior precision): use a positive prior_precision"
+        )
+
+
 class KFACGaussian(GaussianPosterior):
     r"""A Gaussian whose precision is Kronecker-factored per layer, diagonal elsewhere.
 
@@ -232,7 +265,7 @@ class KFACGaussian(GaussianPosterior):
                 if key in owner:
                     raise ValueError(f"{key!r} is in two blocks, {owner[key]!r} and {name!r}")
                 owner[key] = name
-            self._check_block(name, blk)
+            _check_block(name, blk, self.mean)
         diagonal = {} if diagonal is None else dict(diagonal)
         for key, c in diagonal.items():
             if key in owner:
@@ -248,33 +281,10 @@ class KFACGaussian(GaussianPosterior):
         if not curvature_scale >= 0:
             raise ValueError(f"curvature_scale must be non-negative, got {curvature_scale}")
         self.curvature_scale = float(curvature_scale)
-        self._eigen = {name: self._eigendecompose(blk) for name, blk in self.blocks.items()}
+        self._eigen = {name: _eigendecompose(blk) for name, blk in self.blocks.items()}
         self._set_hyperparameters(prior_precision, temperature)
 
     # ------------------------------------------------------------------ construction
-    def _check_block(self, name: str, blk: KFACBlock) -> None:
-        w = self.mean[blk.weight]
-        m = w.shape[0] if w.dim() else 1
-        n = w.numel() // m + (blk.bias is not None)
-        if blk.G.shape != (m, m) or blk.A.shape != (n, n):
-            raise ValueError(
-                f"block {name!r}: {blk.weight!r} {tuple(w.shape)}"
-                + (f" with bias {blk.bias!r}" if blk.bias else "")
-                + f" needs A ({n}, {n}) and G ({m}, {m}); got A {tuple(blk.A.shape)}, "
-                f"G {tuple(blk.G.shape)}"
-            )
-        if blk.bias is not None and self.mean[blk.bias].shape != (m,):
-            raise ValueError(
-                f"block {name!r}: bias {blk.bias!r} must have shape ({m},), got "
-                f"{tuple(self.mean[blk.bias].shape)}"
-            )
-
-    @staticmethod
-    def _eigendecompose(blk: KFACBlock) -> _Eigen:
-        alpha, u_a = torch.linalg.eigh(0.5 * (blk.A + blk.A.T).detach())
-        gamma, u_g = torch.linalg.eigh(0.5 * (blk.G + blk.G.T).detach())
-        return _Eigen(alpha.clamp_min(0), u_a, gamma.clamp_min(0), u_g)
-
     def _delta_of(self, key: str) -> Tensor:
         d = self._prior
         value = d.get(key) if isinstance(d, Mapping) else d
@@ -307,7 +317,7 @@ class KFACGaussian(GaussianPosterior):
                     )
             eig = self._eigen[name]
             lam = (s * torch.outer(eig.gamma, eig.alpha) + delta) / t
-            self._check_positive(lam, f"block {name!r}")
+            _check_positive(lam, f"block {name!r}")
             self._block_lambda[name] = lam
         self._diag_lambda: dict[str, Tensor] = {}
         for key, c in self.diagonal.items():
@@ -318,16 +328,8 @@ class KFACGaussian(GaussianPosterior):
                     f"{tuple(c.shape)}, got {tuple(delta.shape)}"
                 )
             lam = (s * c + delta) / t
-            self._check_positive(lam, repr(key))
+            _check_positive(lam, repr(key))
             self._diag_lambda[key] = lam.expand_as(c)
-
-    @staticmethod
-    def _check_positive(lam: Tensor, where: str) -> None:
-        if not bool(torch.all(lam.detach() > 0)):
-            raise ValueError(
-                f"the precision of {where} is not positive definite (zero curvature and a "
-                "zero prior precision): use a positive prior_precision"
-            )
 
     def _replace(self, prior_precision: PriorPrecision, temperature: float) -> KFACGaussian:
         new = object.__new__(KFACGaussian)

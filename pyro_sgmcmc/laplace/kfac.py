@@ -5,59 +5,32 @@ r"""K-FAC Laplace for Pyro models whose likelihood is a ``PyroModule`` network.
 Kronecker-factored posterior itself, its equations and :class:`KFACBlock`, live in
 :mod:`pyro_sgmcmc.gaussian.kronecker` and are re-exported here);
 :func:`pyro_sgmcmc.laplace.module.module_laplace` with ``structure="kfac"`` does the
-same for a plain ``nn.Module`` (the PyTorch path).
+same for a plain ``nn.Module`` (the PyTorch path). The layers and the pass over the
+data that sums their factors live in :mod:`pyro_sgmcmc.laplace.kfac_passes`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
-import pyro
 import torch
 from pyro.infer.autoguide.initialization import init_to_median
 from torch import Tensor, nn
 
-from pyro_sgmcmc.curvature.layers import backprop
 from pyro_sgmcmc.gaussian.kronecker import KFACBlock, KFACGaussian, blocks_from_factors
 from pyro_sgmcmc.laplace.autoguide import LAPLACE_FIX, AutoLaplace, LaplaceError, LaplaceGuide
-from pyro_sgmcmc.laplace.chunks import (
-    Accumulator,
-    Site,
-    check_local_latents,
-    chunk_curvature,
-    chunk_sites,
-    chunks,
-    first_indices,
-    ggn_outputs,
-    grad_leaves,
-    jacobian_rows,
-    log_prior_terms,
-    site_rows,
-    weighted_rows,
-)
+from pyro_sgmcmc.laplace.chunks import first_indices, grad_leaves, jacobian_rows, log_prior_terms
+from pyro_sgmcmc.laplace.kfac_passes import find_kfac_layers, kfac_data_pass
 from pyro_sgmcmc.laplace.marglik import optimize_prior_precision
 from pyro_sgmcmc.laplace.pyro_curvature import CurvatureResult
-from pyro_sgmcmc.potential import ModelError, PyroPotential
-from pyro_sgmcmc.pyro_model import is_identity_transform, model_plate_subsample_size
-from pyro_sgmcmc.tree import tree_add, unflatten
+from pyro_sgmcmc.potential import PyroPotential
+from pyro_sgmcmc.tree import unflatten
 
 __all__ = ["AutoKFACLaplace", "KFACBlock", "KFACGaussian", "blocks_from_factors"]
 
 
 # ---------------------------------------------------------------------- Pyro autoguide
-class _KFACLayer(NamedTuple):
-    module: nn.Linear
-    weight: str  # the weight's sample site
-    bias: str | None  # the bias's sample site (None: the bias is not a latent)
-
-
-def _site_name(layer: nn.Module, attr: str) -> str:
-    prefix = layer.__dict__.get("_pyro_name", "")
-    return f"{prefix}.{attr}" if prefix else attr
-
-
 class AutoKFACLaplace(AutoLaplace):
     r"""Laplace autoguide with a K-FAC precision on a Bayesian network's ``Linear`` layers.
 
@@ -222,36 +195,7 @@ class AutoKFACLaplace(AutoLaplace):
         self._network = (network,)  # a tuple: never registered as a submodule
         self.kfac_layers: dict[str, tuple[str, str | None]] = {}
 
-    # ------------------------------------------------------------------ layers and priors
-    def _layers(self, pot: PyroPotential, phi: Mapping[str, Tensor]) -> dict[str, _KFACLayer]:
-        """The network's Linear layers whose weight is a real-valued latent of the model."""
-        layers = {}
-        for name, m in self._network[0].named_modules():
-            if not isinstance(m, nn.Linear) or "weight" not in m.__dict__.get("_pyro_samples", {}):
-                continue
-            w = _site_name(m, "weight")
-            if w not in phi or not is_identity_transform(pot._to_constrained[w]):
-                continue  # not a latent here, or constrained: its own diagonal
-            if phi[w].shape != (m.out_features, m.in_features):
-                raise ModelError(
-                    f"site '{w}' has shape {tuple(phi[w].shape)}, but layer '{name}' needs "
-                    f"({m.out_features}, {m.in_features}): sample each weight once, with "
-                    "that shape (PyroSample(prior.expand([out, in]).to_event(2)))"
-                )
-            b = _site_name(m, "bias") if "bias" in m.__dict__["_pyro_samples"] else None
-            if b is not None and (
-                b not in phi or not is_identity_transform(pot._to_constrained[b])
-            ):
-                b = None
-            layers[name] = _KFACLayer(m, w, b)
-        if not layers:
-            raise ModelError(
-                "the network has no nn.Linear layer with a real-valued PyroSample weight "
-                "among the model's latent sites: AutoKFACLaplace has nothing to factor "
-                "(use AutoDiagonalLaplace)"
-            )
-        return layers
-
+    # ------------------------------------------------------------------ the prior
     def _model_prior(
         self, pot: PyroPotential, phi: Mapping[str, Tensor], block_sites: set[str]
     ) -> dict[str, Tensor]:
@@ -308,173 +252,6 @@ class AutoKFACLaplace(AutoLaplace):
             out.update(unflatten(diag, rest))
         return {k: out[k] for k in names}
 
-    # ------------------------------------------------------------------ the data pass
-    def _columns(
-        self,
-        site: Site,
-        plate: str | None,
-        weights: Tensor | None,
-        gen: torch.Generator,
-        methods: dict[str, str],
-    ) -> tuple[Tensor, Tensor] | None:
-        """``(target, cotangents (R, *target.shape))`` of one observed site's curvature."""
-        fn = site.site["fn"]
-        if self.curvature == "ggn":
-            closed = ggn_outputs(site, plate)
-            if closed == "constant":
-                methods.setdefault(site.name, "ggn")
-                return None
-            if closed is not None:
-                methods[site.name] = "ggn"
-                values, factor = closed  # (b, m, k), (b, m, k, r)
-                if weights is not None and site.inside and values.shape[0] == weights.numel():
-                    factor = factor * weights.to(factor.dtype)[:, None, None, None]
-                return values, factor.movedim(-1, 0)
-        methods[site.name] = "fisher"
-        seed = int(torch.randint(2**62, (1,), generator=gen))
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
-            ys = fn.sample((self.num_samples,))
-        with pyro.validation_enabled(False):
-            lp = fn.log_prob(ys)
-        rows = site_rows(site, plate, lp, sample_dims=1)  # (S, b)
-        rows = weighted_rows(rows, weights, site) / math.sqrt(self.num_samples)
-        if not rows.requires_grad:
-            return None
-        s = self.num_samples
-        eye = torch.eye(s, dtype=rows.dtype, device=rows.device)
-        return rows, eye[:, :, None].expand(s, s, rows.shape[-1])
-
-    def _data_pass(
-        self, pot: PyroPotential, phi: Mapping[str, Tensor], layers: dict[str, _KFACLayer]
-    ) -> tuple[dict[str, KFACBlock], dict[str, Tensor], Tensor, dict[str, str]]:
-        """K-FAC factors of the layers and the diagonal of the rest, over every plate index."""
-        if pot.plate_name is None:
-            raise ModelError(
-                "AutoKFACLaplace needs a data plate: write the likelihood as `with "
-                "pyro.plate('data', N) as idx: pyro.sample('obs', ..., obs=y[idx])`"
-            )
-        leaves = grad_leaves(phi)
-        first = next(iter(leaves.values()))
-        in_blocks = {k for lay in layers.values() for k in (lay.weight, lay.bias) if k}
-        others = {k: v for k, v in leaves.items() if k not in in_blocks}
-        acc = (
-            Accumulator("diag", sum(v.numel() for v in others.values()), first.detach())
-            if others
-            else None
-        )
-        captured: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-
-        def hook(name: str) -> Callable:
-            def record(layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
-                if name in captured:
-                    raise ModelError(
-                        f"layer '{name}' ran twice in one model call: K-FAC needs each "
-                        "layer to run once, on the plate's minibatch"
-                    )
-                captured[name] = (args[0].detach(), output, layer.weight)
-                return output.clone()  # in-place ops downstream must not touch `output`
-
-            return record
-
-        a_sums: dict[str, Tensor] = {}
-        g_sums: dict[str, Tensor] = {}
-        methods: dict[str, str] = {}
-        log_lik = first.new_zeros(())
-        num_data = first.new_zeros(())
-        gen = torch.Generator().manual_seed(self.seed)
-        fixed = model_plate_subsample_size(pot)
-        handles = [lay.module.register_forward_hook(hook(n)) for n, lay in layers.items()]
-        try:
-            for c, (idx, weights) in enumerate(chunks(pot, self.batch_size, first.device, fixed)):
-                captured.clear()
-                trace = pot._trace(leaves, idx)
-                if c == 0:
-                    check_local_latents(pot, trace)
-                sites = chunk_sites(pot, trace, first=c == 0)
-                b = idx.numel()
-                w = first.new_ones(b) if weights is None else weights.to(first.dtype)
-                num_data = num_data + w.sum()
-                names = [n for n in layers if n in captured]
-                for n in names:
-                    lay = layers[n]
-                    a, _, used = captured[n]
-                    if c == 0 and not torch.equal(used, trace.nodes[lay.weight]["value"]):
-                        raise ModelError(
-                            f"layer '{n}' did not run with the value of site '{lay.weight}'"
-                        )
-                    if a.dim() < 2 or a.shape[0] != b:
-                        raise ModelError(
-                            f"layer '{n}' got an input of shape {tuple(a.shape)} for a chunk of "
-                            f"{b} plate indices: run the network on the plate's minibatch "
-                            "(x[idx]), with the data first"
-                        )
-                    rows = a.reshape(b, -1, a.shape[-1])
-                    if lay.bias is not None:
-                        rows = torch.cat([rows, rows.new_ones(*rows.shape[:2], 1)], dim=-1)
-                    weighted = (rows * w[:, None, None]).reshape(-1, rows.shape[-1])
-                    a_sums[n] = tree_add(
-                        a_sums.get(n), weighted.T @ rows.reshape(-1, rows.shape[-1])
-                    )
-                if names:
-                    outputs = [captured[n][1] for n in names]
-                    for target, cot in self._site_columns(sites, pot, weights, gen, methods):
-                        grads = backprop(target, outputs, cot)
-                        for n, g in zip(names, grads, strict=True):
-                            g = g.detach().reshape(-1, g.shape[-1])
-                            g_sums[n] = tree_add(g_sums.get(n), g.T @ g)
-                if acc is not None:
-                    kind = "fisher" if self.curvature == "fisher" else self.curvature
-                    ll = chunk_curvature(
-                        pot, others, sites, weights, kind, acc, self.num_samples, gen, {}
-                    )
-                else:
-                    with pyro.validation_enabled(False):
-                        ll = sum(
-                            weighted_rows(
-                                site_rows(
-                                    s, pot.plate_name, s.site["fn"].log_prob(s.site["value"])
-                                ),
-                                weights,
-                                s,
-                            ).sum()
-                            for s in sites
-                        )
-                log_lik = log_lik + torch.as_tensor(ll).detach()
-        finally:
-            for h in handles:
-                h.remove()
-            captured.clear()
-        blocks = {}
-        for n, lay in layers.items():
-            m = lay.module.out_features
-            cols = lay.module.in_features + (lay.bias is not None)
-            A = a_sums.get(n, first.new_zeros(cols, cols)) / num_data
-            G = g_sums.get(n, first.new_zeros(m, m))
-            blocks[n] = KFACBlock(lay.weight, lay.bias, A.detach(), G.detach())
-        diagonal = unflatten(acc.value, others) if acc is not None else {}
-        return blocks, diagonal, log_lik, methods
-
-    def _site_columns(self, sites, pot, weights, gen, methods):
-        """``(target, cotangents)`` pairs whose backprops give the g's of every site."""
-        if self.curvature == "ef":
-            per_datum = None
-            for s in sites:
-                methods[s.name] = "ef"
-                if not s.inside:
-                    continue  # a site outside the plate has no per-datum rows
-                with pyro.validation_enabled(False):
-                    lp = s.site["fn"].log_prob(s.site["value"])
-                rows = weighted_rows(site_rows(s, pot.plate_name, lp), weights, s)
-                per_datum = rows if per_datum is None else per_datum + rows
-            if per_datum is not None and per_datum.requires_grad:
-                yield per_datum, torch.ones_like(per_datum).unsqueeze(0)
-            return
-        for s in sites:
-            cols = self._columns(s, pot.plate_name, weights, gen, methods)
-            if cols is not None:
-                yield cols
-
     # ------------------------------------------------------------------ the approximation
     def laplace_approximation(self, *args: Any, **kwargs: Any) -> LaplaceGuide:
         r"""The K-FAC Gaussian guide around the fitted MAP, from one pass over all data.
@@ -496,9 +273,17 @@ class AutoKFACLaplace(AutoLaplace):
                 ``prior_precision``), or the precision is not positive definite.
         """
         pot, phi = self._fitted(args, kwargs)
-        layers = self._layers(pot, phi)
+        layers = find_kfac_layers(self._network[0], pot, phi)
         phi = self._refine_mode(pot, phi)
-        blocks, diagonal, log_lik, methods = self._data_pass(pot, phi, layers)
+        blocks, diagonal, log_lik, methods = kfac_data_pass(
+            pot,
+            phi,
+            layers,
+            curvature=self.curvature,
+            batch_size=self.batch_size,
+            num_samples=self.num_samples,
+            seed=self.seed,
+        )
         self.kfac_layers = {n: (lay.weight, lay.bias) for n, lay in layers.items()}
 
         delta: Any = self.prior_precision
