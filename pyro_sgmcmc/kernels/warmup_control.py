@@ -242,7 +242,7 @@ class WarmupMixin:
             return
         self._step_cut = 1.0
         self._step_size()  # the cut in force from now on (SGHMC's friction limit)
-        report = self.adapter.check(self._step_cut, self._warm_nonfinite)
+        report = self.adapter.check(self._step_cut, self._warm_nonfinite, self._step_size())
         self.warmup_report = report
         for problem in report["problems"]:
             if self.strict:
