@@ -244,7 +244,7 @@ class MCMC(pyro.infer.MCMC):
         chains = self.num_chains if self.group is None else self.group.count
         kernel.per_chain_rng = self.chain_rng == "per_chain"
         kernel.antithetic = self.chain_coupling == "antithetic"
-        resume = self._load_checkpoint()
+        resume = _load_checkpoint(self)
         try:
             self._setup_kernel(args, kwargs, resume)
             initial_params = kernel.initial_params
@@ -252,7 +252,7 @@ class MCMC(pyro.infer.MCMC):
             if self.transforms is None:
                 self.transforms = kernel.transforms or {}
             names = self._save_params or sorted(params)
-            sink = self._make_sink(chains)
+            sink = _make_sink(self, chains)
             start = 0
             if resume is not None:
                 kernel.load_state_dict(resume["kernel"])
@@ -276,7 +276,7 @@ class MCMC(pyro.infer.MCMC):
                         sink.append({n: self._constrain(n, params[n]) for n in names})
                     progress.update(i, kernel.logging)
                     if self.checkpoint is not None and (i + 1) % self.checkpoint_every == 0:
-                        self._save_checkpoint(kernel, sink, i + 1, initial_params)
+                        _save_checkpoint(self, kernel, sink, i + 1, initial_params)
             sink.close()
             diagnostics = kernel.diagnostics()
         finally:
@@ -292,33 +292,11 @@ class MCMC(pyro.infer.MCMC):
             for d in self._diagnostics:
                 d["divergences"] = [0] if last in d.get("divergences", []) else []
         if self.group is not None and self.gather:
-            self._gather()
+            _gather(self)
 
     def _constrain(self, name: str, value: torch.Tensor) -> torch.Tensor:
         transform = self.transforms.get(name)
         return value if transform is None else transform.inv(value)
-
-    def _make_sink(self, chains: int) -> MemorySink | DiskSink:
-        if self.stream_to is None:
-            return MemorySink()
-        directory = Path(self.stream_to)
-        if self.group is not None:
-            directory = directory / f"rank-{self.group.rank:05d}"
-        draws = 1 if self.keep == "last" else self.num_samples
-        return DiskSink(directory, chains, draws, flush_every=self.stream_every)
-
-    def _gather(self) -> None:
-        """Rank 0 receives every rank's draws and diagnostics; the others keep theirs."""
-        group = self.group
-        samples = None if self.stream_to is not None else self._samples
-        parts = group.gather_objects((samples, self._diagnostics))
-        if not group.is_main:
-            return
-        if self.stream_to is not None:
-            self._samples = load_draws(self.stream_to)
-        else:
-            self._samples = {n: torch.cat([p[0][n] for p in parts], dim=0) for n in self._samples}
-        self._diagnostics = [d for p in parts for d in p[1]]
 
     def diagnostics(self):
         """As ``pyro.infer.MCMC.diagnostics``, over the chains this process holds."""
@@ -350,52 +328,6 @@ class MCMC(pyro.infer.MCMC):
         if group is None or (self.gather and group.is_main):
             return range(self.num_chains)
         return range(group.offset, group.offset + group.count)
-
-    def _checkpoint_config(self) -> dict[str, Any]:
-        return {
-            "num_chains": self.num_chains,
-            "num_samples": self.num_samples,
-            "warmup_steps": self.warmup_steps,
-            "keep": self.keep,
-            "chain_rng": self.chain_rng,
-            "stream_to": None if self.stream_to is None else str(self.stream_to),
-            "processes": 1 if self.group is None else self.group.world_size,
-        }
-
-    def _checkpoint_path(self) -> str | None:
-        """One file per process in a distributed run."""
-        if self.checkpoint is None or self.group is None:
-            return self.checkpoint
-        return f"{self.checkpoint}.rank-{self.group.rank:05d}"
-
-    def _load_checkpoint(self) -> dict[str, Any] | None:
-        path = self._checkpoint_path()
-        if path is None or not os.path.exists(path):
-            return None
-        saved = torch.load(path, weights_only=False)
-        if saved["config"] != self._checkpoint_config():
-            raise ValueError(
-                f"checkpoint {path} was written by a run with {saved['config']}, "
-                f"not {self._checkpoint_config()}: delete it or match the settings"
-            )
-        return saved
-
-    def _save_checkpoint(self, kernel, sink, step: int, initial_params) -> None:
-        """Write atomically: a run killed while writing keeps the previous checkpoint.
-        Streamed draws are flushed first, so the checkpoint never counts unwritten ones."""
-        path = self._checkpoint_path()
-        tmp = f"{path}.tmp"
-        torch.save(
-            {
-                "config": self._checkpoint_config(),
-                "step": step,
-                "sink": sink.state_dict(),
-                "kernel": kernel.state_dict(),
-                "initial_params": initial_params,
-            },
-            tmp,
-        )
-        os.replace(tmp, path)
 
 
 class Progress:
@@ -499,3 +431,79 @@ def _chain_diagnostics(diagnostics: dict[str, Any], chain: int) -> dict[str, Any
     for key, value in diagnostics.items():
         out[key] = value[chain] if isinstance(value, list) else value
     return out
+
+
+def _make_sink(mcmc: MCMC, chains: int) -> MemorySink | DiskSink:
+    """Where ``mcmc``'s draws go: memory, or this process's directory under ``stream_to``."""
+    if mcmc.stream_to is None:
+        return MemorySink()
+    directory = Path(mcmc.stream_to)
+    if mcmc.group is not None:
+        directory = directory / f"rank-{mcmc.group.rank:05d}"
+    draws = 1 if mcmc.keep == "last" else mcmc.num_samples
+    return DiskSink(directory, chains, draws, flush_every=mcmc.stream_every)
+
+
+def _gather(mcmc: MCMC) -> None:
+    """Rank 0 receives every rank's draws and diagnostics; the others keep theirs."""
+    group = mcmc.group
+    samples = None if mcmc.stream_to is not None else mcmc._samples
+    parts = group.gather_objects((samples, mcmc._diagnostics))
+    if not group.is_main:
+        return
+    if mcmc.stream_to is not None:
+        mcmc._samples = load_draws(mcmc.stream_to)
+    else:
+        mcmc._samples = {n: torch.cat([p[0][n] for p in parts], dim=0) for n in mcmc._samples}
+    mcmc._diagnostics = [d for p in parts for d in p[1]]
+
+
+def _checkpoint_config(mcmc: MCMC) -> dict[str, Any]:
+    """The settings a checkpoint must have been written with to be resumed."""
+    return {
+        "num_chains": mcmc.num_chains,
+        "num_samples": mcmc.num_samples,
+        "warmup_steps": mcmc.warmup_steps,
+        "keep": mcmc.keep,
+        "chain_rng": mcmc.chain_rng,
+        "stream_to": None if mcmc.stream_to is None else str(mcmc.stream_to),
+        "processes": 1 if mcmc.group is None else mcmc.group.world_size,
+    }
+
+
+def _checkpoint_path(mcmc: MCMC) -> str | None:
+    """One file per process in a distributed run."""
+    if mcmc.checkpoint is None or mcmc.group is None:
+        return mcmc.checkpoint
+    return f"{mcmc.checkpoint}.rank-{mcmc.group.rank:05d}"
+
+
+def _load_checkpoint(mcmc: MCMC) -> dict[str, Any] | None:
+    path = _checkpoint_path(mcmc)
+    if path is None or not os.path.exists(path):
+        return None
+    saved = torch.load(path, weights_only=False)
+    if saved["config"] != _checkpoint_config(mcmc):
+        raise ValueError(
+            f"checkpoint {path} was written by a run with {saved['config']}, "
+            f"not {_checkpoint_config(mcmc)}: delete it or match the settings"
+        )
+    return saved
+
+
+def _save_checkpoint(mcmc: MCMC, kernel, sink, step: int, initial_params) -> None:
+    """Write atomically: a run killed while writing keeps the previous checkpoint.
+    Streamed draws are flushed first, so the checkpoint never counts unwritten ones."""
+    path = _checkpoint_path(mcmc)
+    tmp = f"{path}.tmp"
+    torch.save(
+        {
+            "config": _checkpoint_config(mcmc),
+            "step": step,
+            "sink": sink.state_dict(),
+            "kernel": kernel.state_dict(),
+            "initial_params": initial_params,
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
