@@ -24,6 +24,7 @@ _EXPORTS = {
     "SGLDKernel": "kernels",
     "SGMCMCKernel": "kernels",
     "SGNHTKernel": "kernels",
+    "WarmupError": "kernels",
     "MCMC": "chains",
     # potentials
     "ModelError": "potential",
@@ -106,6 +107,7 @@ __all__ = [
     "SGMCMCKernel",
     "SGNHTKernel",
     "TemperedSTLELBO",
+    "WarmupError",
     "decompose_uncertainty",
     "fit_svi",
     "linearized_predictive",
@@ -149,6 +151,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names (nothing runs here)
         SGLDKernel,
         SGMCMCKernel,
         SGNHTKernel,
+        WarmupError,
     )
     from pyro_sgmcmc.laplace import (
         AutoDenseLaplace,
