@@ -67,7 +67,7 @@ def site_terms(potential: PyroPotential, phi, indices) -> Iterator[tuple[str, Te
                 lp = site["fn"].log_prob(site["value"])
                 yield name, scale_and_mask(lp, site["scale"], site["mask"]).sum()
         for name in potential.latent_names:
-            jac = potential._to_constrained[name].log_abs_det_jacobian(
+            jac = potential.to_constrained[name].log_abs_det_jacobian(
                 phi[name], tr.nodes[name]["value"]
             )
             yield f"{name} (log-Jacobian)", jac.sum()
@@ -133,7 +133,7 @@ def chunk_terms(potential: PyroPotential, phi, idx, m) -> dict[str, Tensor]:
             else:
                 terms[name] = lp.sum().expand(b) / b
     for name in potential.latent_names:
-        jac = potential._to_constrained[name].log_abs_det_jacobian(
+        jac = potential.to_constrained[name].log_abs_det_jacobian(
             phi[name], tr.nodes[name]["value"]
         )
         terms[f"{name} (log-Jacobian)"] = jac.sum()

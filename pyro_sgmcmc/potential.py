@@ -189,11 +189,12 @@ class PyroPotential:
         self.latent_names = pyro_model.latent_site_names(prototype)
         if not self.latent_names:
             raise ModelError("the model has no latent sample sites to sample")
-        self._to_constrained = {
+        #: unconstrained -> constrained (the site's support's bijection), keyed by site.
+        self.to_constrained = {
             name: biject_to(prototype.nodes[name]["fn"].support) for name in self.latent_names
         }
         #: constrained -> unconstrained, keyed by site, as Pyro's MCMC expects.
-        self.transforms = {name: t.inv for name, t in self._to_constrained.items()}
+        self.transforms = {name: t.inv for name, t in self.to_constrained.items()}
 
         device = next(iter(prototype.nodes[n]["value"] for n in self.latent_names)).device
         self.indices = (
@@ -218,7 +219,7 @@ class PyroPotential:
     # ------------------------------------------------------------------ evaluation
     def constrain(self, phi: dict[str, Tensor]) -> dict[str, Tensor]:
         """Map unconstrained values to the sites' supports."""
-        return {name: self._to_constrained[name](phi[name]) for name in self.latent_names}
+        return {name: self.to_constrained[name](phi[name]) for name in self.latent_names}
 
     def unconstrain(self, theta: dict[str, Tensor]) -> dict[str, Tensor]:
         """Map constrained site values to unconstrained space."""
@@ -239,7 +240,9 @@ class PyroPotential:
         """Trace ``model``; turn shape errors inside the data plate into a clear fix."""
         return tracing.run_model(self, model, validate)
 
-    def _trace(self, phi, indices, validate=False):
+    def trace(self, phi, indices, validate=False):
+        """The model's Pyro trace with the latents at ``phi`` (unconstrained) and the data
+        plate at ``indices``."""
         return tracing.trace_at(self, phi, indices, validate)
 
     def log_density_terms(

@@ -378,7 +378,7 @@ class AutoLaplace(AutoLaplaceApproximation):
             self.temperature
         )
         leaves = grad_leaves(phi)
-        trace = pot._trace(leaves, first_indices(pot, flatten(phi).device))
+        trace = pot.trace(leaves, first_indices(pot, flatten(phi).device))
         log_prior = log_prior_terms(pot, leaves, trace).detach()
         p = posterior.num_params
         return res.log_likelihood + log_prior + 0.5 * p * math.log(2 * math.pi) - 0.5 * untempered

@@ -369,7 +369,7 @@ def log_prior_terms(potential: PyroPotential, leaves: Params, trace) -> Tensor:
             site = trace.nodes[name]
             lp = site["fn"].log_prob(site["value"])
             total = total + scale_and_mask(lp, site["scale"], site["mask"]).sum()
-            t = potential._to_constrained[name]
+            t = potential.to_constrained[name]
             total = total + t.log_abs_det_jacobian(leaves[name], site["value"]).sum()
     return total
 

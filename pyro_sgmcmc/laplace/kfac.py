@@ -207,7 +207,7 @@ class AutoKFACLaplace(AutoLaplace):
         """
         leaves = grad_leaves(phi)
         first = next(iter(leaves.values()))
-        trace = pot._trace(leaves, first_indices(pot, first.device))
+        trace = pot.trace(leaves, first_indices(pot, first.device))
         lp = log_prior_terms(pot, leaves, trace)
         names = list(leaves)
         grads = torch.autograd.grad(lp, list(leaves.values()), create_graph=True, allow_unused=True)

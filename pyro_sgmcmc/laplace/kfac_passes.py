@@ -80,7 +80,7 @@ def find_kfac_layers(
         if not isinstance(m, nn.Linear) or "weight" not in m.__dict__.get("_pyro_samples", {}):
             continue
         w = _site_name(m, "weight")
-        if w not in phi or not is_identity_transform(pot._to_constrained[w]):
+        if w not in phi or not is_identity_transform(pot.to_constrained[w]):
             continue  # not a latent here, or constrained: its own diagonal
         if phi[w].shape != (m.out_features, m.in_features):
             raise ModelError(
@@ -89,7 +89,7 @@ def find_kfac_layers(
                 "that shape (PyroSample(prior.expand([out, in]).to_event(2)))"
             )
         b = _site_name(m, "bias") if "bias" in m.__dict__["_pyro_samples"] else None
-        if b is not None and (b not in phi or not is_identity_transform(pot._to_constrained[b])):
+        if b is not None and (b not in phi or not is_identity_transform(pot.to_constrained[b])):
             b = None
         layers[name] = KFACLayer(m, w, b)
     if not layers:
@@ -250,7 +250,7 @@ def kfac_data_pass(
     try:
         for c, (idx, weights) in enumerate(chunks(pot, batch_size, first.device, fixed)):
             captured.clear()
-            trace = pot._trace(leaves, idx)
+            trace = pot.trace(leaves, idx)
             if c == 0:
                 check_local_latents(pot, trace)
             sites = chunk_sites(pot, trace, first=c == 0)

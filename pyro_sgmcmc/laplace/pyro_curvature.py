@@ -212,7 +212,7 @@ def likelihood_curvature(
     log_lik = first.new_zeros(())
     fixed = model_plate_subsample_size(potential)
     for c, (idx, weights) in enumerate(chunks(potential, batch_size, first.device, fixed)):
-        trace = potential._trace(leaves, idx)
+        trace = potential.trace(leaves, idx)
         sites = chunk_sites(potential, trace, first=c == 0)
         log_lik = log_lik + chunk_curvature(
             potential, leaves, sites, weights, curvature, acc, num_samples, generator, methods
@@ -249,7 +249,7 @@ def log_prior_hessian(
     check_phi(potential, phi)
     leaves = grad_leaves(phi)
     first = next(iter(leaves.values()))
-    trace = potential._trace(leaves, first_indices(potential, first.device))
+    trace = potential.trace(leaves, first_indices(potential, first.device))
     lp = log_prior_terms(potential, leaves, trace)
     num_params = sum(v.numel() for v in leaves.values())
     out = first.new_zeros((num_params, num_params) if structure == "dense" else (num_params,))
@@ -292,7 +292,7 @@ def log_joint_and_grad(
     grads = [torch.zeros_like(v) for v in leaves.values()]
     fixed = model_plate_subsample_size(potential)
     for c, (idx, weights) in enumerate(chunks(potential, batch_size, first.device, fixed)):
-        trace = potential._trace(leaves, idx)
+        trace = potential.trace(leaves, idx)
         value = log_prior_terms(potential, leaves, trace) if c == 0 else first.new_zeros(())
         with pyro.validation_enabled(False):
             for s in chunk_sites(potential, trace, first=c == 0):
