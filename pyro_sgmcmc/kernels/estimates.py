@@ -83,7 +83,7 @@ def laplace_draws(whitening: Whitening, shape, temperature: float, num_data: int
     tau = temperature / num_data
     noise = torch.randn(shape, generator=generator, dtype=whitening.shift.dtype)
     noise = noise.to(whitening.shift.device)
-    return whitening.flatten(whitening.to_params(noise * tau**0.5))
+    return whitening.to_flat(noise * tau**0.5)
 
 
 def replace_rows(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:

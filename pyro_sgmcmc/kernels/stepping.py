@@ -43,7 +43,8 @@ class SteppingMixin:
         z = self._state.params["z"]
         u, gz, ok = self._gradient(z, idx)
         bad = ~ok
-        self._bad_streak = torch.where(bad.reshape(-1), self._bad_streak + 1, 0)
+        if warm:  # only warm-up acts on a streak of non-finite steps
+            self._bad_streak = torch.where(bad.reshape(-1), self._bad_streak + 1, 0)
         if bad.any():
             self._on_nonfinite(bad, z, idx, warm)
             if self.num_chains is None:
@@ -52,15 +53,15 @@ class SteppingMixin:
                 return
             gz = torch.where(expand_mask(bad, gz), torch.zeros_like(gz), gz)
         self._last_u = u.mean()
-        prev = self._state
+        prev, step = self._state, self._step_size()
         self._state = self._sampler.step(
             self._state,
             {"z": gz},
-            self._step_size(),
+            step,
             temperature=self.temperature,
             num_data=self.potential.num_data,
             generator=self._noise_source(),
-            **self._sampler_kwargs(self._step_size()),
+            **self._sampler_kwargs(step),
         )
         if self.num_chains is None:
             self._prev_state = prev

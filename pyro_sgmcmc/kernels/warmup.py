@@ -157,8 +157,9 @@ class WarmupAdapter:
         if not self.adapt_mass:
             return None
         sample = pooled_cov * (num_data / temperature)
-        if self.base_cov is not None and sample.dim() != self.base_cov.dim():
-            sample = sample.diagonal() if sample.dim() == 2 else torch.diag(sample)
+        if self.base_cov is not None and sample.dim() > self.base_cov.dim():
+            # A dense window over a diagonal D0 (no Hessian at the mode): stay diagonal.
+            sample = sample.diagonal()
         n_eff = num_chains * n * min(1.0, step)
         weight = n_eff / (n_eff + 20.0)
         cov = sample if self.base_cov is None else weight * sample + (1 - weight) * self.base_cov

@@ -18,7 +18,7 @@ from pyro_sgmcmc.kernels.estimates import (
     noise_in_z,
     replace_rows,
 )
-from pyro_sgmcmc.kernels.gradients import ControlVariateGradient, minibatch_beta
+from pyro_sgmcmc.kernels.gradients import MAX_CV_TABLE, ControlVariateGradient, minibatch_beta
 from pyro_sgmcmc.kernels.mode import MAX_DENSE
 from pyro_sgmcmc.kernels.warmup import ESTIMATION_BATCH, WarmupAdapter
 from pyro_sgmcmc.potential import PyroPotential
@@ -55,7 +55,7 @@ class WarmupMixin:
         pot = self.potential
         if pot.plate_name is None or pot.subsample_size is None:
             return True
-        return pot.plate_size * self._num_params <= 2e7
+        return pot.plate_size * self._num_params <= MAX_CV_TABLE
 
     def _broadcast(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """Estimates made on chain 0: in a distributed run, global chain 0's (rank 0's)."""
@@ -73,27 +73,21 @@ class WarmupMixin:
         """Polish chain 0's Adam end point, whiten by the curvature there, and centre the
         control variates at the mode."""
         like = self._like
-        theta = self.whitening.to_params(self._state.params["z"])
-        flat = self.whitening.flatten(theta)
+        flat = self.whitening.to_flat(self._state.params["z"])
         start = self._first_chain(flat)
 
         def fn(v: Tensor) -> Tensor:
             return self.potential.potential(unflatten(v, like), None)
 
         mode, hessian = self.adapter.find_mode(fn, start, self.potential.num_data, self.temperature)
-        diag = None
-        if hessian is None or not self.adapter.dense:
-            diag = None
-            if hessian is None:
-                diag = curvature_diagonal(
-                    self.potential, like, mode, self._estimation_indices(),
-                    self._estimation_indices(True), self._generator,
-                )  # fmt: skip
         shared = {"mode": mode}
         if hessian is not None:
             shared["hessian"] = hessian
-        if diag is not None:
-            shared["diag"] = diag
+        else:
+            shared["diag"] = curvature_diagonal(
+                self.potential, like, mode, self._estimation_indices(),
+                self._estimation_indices(True), self._generator,
+            )  # fmt: skip
         shared = self._broadcast(shared)
         mode = shared["mode"]
         self.whitening = self.adapter.curvature_whitening(
@@ -165,7 +159,7 @@ class WarmupMixin:
         # each with data drawn from its own generator where chains have one (so that a
         # distributed run measures exactly what the same chains in one process do).
         if self.num_chains is None:
-            chains, offset = [(z, self._generator)], 0
+            chains = [(z, self._generator)]
         else:
             offset = 0 if self.chain_group is None else self.chain_group.offset
             local = range(max(0, min(self.num_chains, NOISE_CHAINS - offset)))
@@ -203,7 +197,7 @@ class WarmupMixin:
     def _adapt(self, idx) -> None:
         adapter, t = self.adapter, self._calls
         z = self._state.params["z"]
-        flat = self.whitening.flatten(self.whitening.to_params(z))
+        flat = self.whitening.to_flat(z)
         adapter.observe(t, flat if self.num_chains is not None else flat[None])
         if t % 5 == 0:
             self._measure_noise(z)
@@ -241,8 +235,8 @@ class WarmupMixin:
         if self.adapter is None:
             return
         self._step_cut = 1.0
-        self._step_size()  # the cut in force from now on (SGHMC's friction limit)
-        report = self.adapter.check(self._step_cut, self._warm_nonfinite, self._step_size())
+        step = self._step_size()  # records the cut in force from now on (SGHMC's limit)
+        report = self.adapter.check(self._step_cut, self._warm_nonfinite, step)
         self.warmup_report = report
         for problem in report["problems"]:
             if self.strict:

@@ -103,10 +103,13 @@ class Whitening:
         return cls.from_precision(like, shift, _pinv_sym(cov, floor), floor)
 
     # ------------------------------------------------------------------ maps
+    def to_flat(self, z: Tensor) -> Tensor:
+        """:math:`\\theta = \\mu + L z` as one ``(..., d)`` tensor."""
+        return (z @ self.scale.T if self.dense else z * self.scale) + self.shift
+
     def to_params(self, z: Tensor) -> dict[str, Tensor]:
         """:math:`\\theta = \\mu + L z` as a dict (leading dims of ``z`` kept)."""
-        flat = z @ self.scale.T if self.dense else z * self.scale
-        return unflatten(flat + self.shift, self.like)
+        return unflatten(self.to_flat(z), self.like)
 
     def to_z(self, params: dict[str, Tensor]) -> Tensor:
         """:math:`z = L^{-1}(\\theta - \\mu)`, ``(..., d)``."""
