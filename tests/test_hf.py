@@ -139,6 +139,22 @@ def test_head_logits_vmaps_over_members():
     torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-5)
 
 
+def test_head_logits_last_positions_equal_the_full_logits_tail():
+    model, _ = _lora_model()
+    x, _ = _windows()
+    cache = trunk_hidden(model, x[:3], 1)
+    params = {n: v.detach() + 0.1 for n, v in trainable_parameters(model).items()}
+    with torch.no_grad():
+        full = head_logits(model, cache, params)
+        tail = head_logits(model, cache, params, last=4)
+        members = torch.func.vmap(lambda p: head_logits(model, cache, p, last=4))(
+            {n: torch.stack([v, v]) for n, v in params.items()}
+        )
+    assert tail.shape == (3, 4, model.config.vocab_size)
+    torch.testing.assert_close(tail, full[:, -4:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(members[1], full[:, -4:], rtol=1e-5, atol=1e-5)
+
+
 def test_only_the_chosen_parameters_get_gradients():
     model, _ = _lora_model()
     x, y = _windows()

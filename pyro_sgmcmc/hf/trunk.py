@@ -240,11 +240,13 @@ class CachedHead(nn.Module):
         self._head_path = _path(model, base.get_output_embeddings())
         self._shared = dict(cache.shared)
 
-    def forward(self, hidden: Tensor, **per_window: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, last: int | None = None, **per_window: Tensor) -> Tensor:
         kwargs = {**self._shared, **per_window}
         for p in self._layer_paths:
             out = self.get_submodule(p)(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
+        if last is not None:  # the head dominates: run it on the scored positions only
+            hidden = hidden[:, hidden.shape[1] - last :]
         hidden = self.get_submodule(self._norm_path)(hidden)
         return self.get_submodule(self._head_path)(hidden)
 
@@ -255,6 +257,7 @@ def head_logits(
     params: Mapping[str, Tensor] | None = None,
     *,
     head: CachedHead | None = None,
+    last: int | None = None,
 ) -> Tensor:
     """The ``(N, T, V)`` logits of the cached windows through the last layers and head.
 
@@ -270,9 +273,14 @@ def head_logits(
         cached: a :class:`TrunkCache` (or a selection of its windows).
         params: parameter values to use instead of the module's (``None``: the module's).
         head: a prebuilt :class:`CachedHead` (saves rebuilding it in a loop).
+        last: return the logits of the last ``last`` positions only, ``(N, last, V)``
+            (the layers still attend over every position; the norm and the output head,
+            the dominant cost, run on those positions only).
     """
     head = CachedHead(model, cached) if head is None else head
     inputs = cached.inputs()
+    if last is not None:
+        inputs["last"] = int(last)
     if params is None:
         return head(**inputs)
     return functional_call(head, dict(params), (), inputs)
