@@ -11,6 +11,11 @@ One module per experiment, each with a ``main(args)`` that the command calls:
   4, 8 and 9): the cold-posterior effect of a CNN-LSTM on movie reviews, MLE, MAP,
   Laplace, VI and SGHMC over a temperature grid (model, data and methods in
   :mod:`~pyro_sgmcmc.experiments.cold_posterior_methods`).
+* :mod:`~pyro_sgmcmc.experiments.bayes_llm` (the seed paper's section 5.3, Tables 1-2,
+  Figures 7 and 10): a Bayesian SmolLM2-135M (parallel and serial SGHMC over its last
+  attention layer, AdamW, the base model) flags out-of-distribution UDHR statements by
+  their epistemic uncertainty (pieces in
+  :mod:`~pyro_sgmcmc.experiments.bayes_llm_methods`).
 * :mod:`~pyro_sgmcmc.experiments.report`: what they share (result records, thinning,
   ESS, timing, CSV/JSON writing, aligned tables, figures).
 
@@ -32,11 +37,21 @@ PIMA_GROUPS = ("sgmcmc", "parallel", "laplace", "vi", "ekf")
 PAPER = 'Duffield et al., "Scalable Bayesian learning with posteriors", ICLR 2025'
 
 #: The modules, in the order a name is looked up in their ``__all__``.
-_MODULES = ("report", "pima", "double_well", "cold_posterior_methods", "cold_posterior")
+_MODULES = (
+    "report",
+    "pima",
+    "double_well",
+    "cold_posterior_methods",
+    "cold_posterior",
+    "bayes_llm_methods",
+    "bayes_llm",
+)
 
 __all__ = [
     "PAPER",
     "PIMA_GROUPS",
+    "bayes_llm",
+    "bayes_llm_methods",
     "cold_posterior",
     "cold_posterior_methods",
     "double_well",
