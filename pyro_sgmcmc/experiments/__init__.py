@@ -11,6 +11,9 @@ One module per experiment, each with a ``main(args)`` that the command calls:
   4, 8 and 9): the cold-posterior effect of a CNN-LSTM on movie reviews, MLE, MAP,
   Laplace, VI and SGHMC over a temperature grid (model, data and methods in
   :mod:`~pyro_sgmcmc.experiments.cold_posterior_methods`).
+* :mod:`~pyro_sgmcmc.experiments.continual_lora` (the seed paper's section 5.2, Figures
+  5 and 6): LoRA on SmolLM2-135M over a sequence of books, online Laplace (the previous
+  posterior as the prior) against online and offline AdamW.
 * :mod:`~pyro_sgmcmc.experiments.bayes_llm` (the seed paper's section 5.3, Tables 1-2,
   Figures 7 and 10): a Bayesian SmolLM2-135M (parallel and serial SGHMC over its last
   attention layer, AdamW, the base model) flags out-of-distribution UDHR statements by
@@ -43,6 +46,7 @@ _MODULES = (
     "double_well",
     "cold_posterior_methods",
     "cold_posterior",
+    "continual_lora",
     "bayes_llm_methods",
     "bayes_llm",
 )
@@ -54,6 +58,7 @@ __all__ = [
     "bayes_llm_methods",
     "cold_posterior",
     "cold_posterior_methods",
+    "continual_lora",
     "double_well",
     "pima",
     "report",
