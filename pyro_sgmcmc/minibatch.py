@@ -14,7 +14,14 @@ from pyro_sgmcmc.pyro_model import ModelError
 if TYPE_CHECKING:
     from pyro_sgmcmc.potential import PyroPotential
 
-__all__ = ["IndexStream", "chain_indices"]
+__all__ = ["IndexStream", "chain_indices", "generator_device"]
+
+
+def generator_device(generator: torch.Generator | None) -> torch.device:
+    """Where ``generator`` draws (the CPU for ``None``, torch's default generator): a draw
+    from a CUDA generator must say ``device=`` (``torch.randint(..., generator=g,
+    device=generator_device(g))``)."""
+    return torch.device("cpu") if generator is None else generator.device
 
 
 class IndexStream:
@@ -49,12 +56,17 @@ class IndexStream:
         self._pos = 0
 
     def _new_epoch(self) -> Tensor:
-        perm = torch.randperm(self.size, generator=self.generator)
+        perm = torch.randperm(
+            self.size, generator=self.generator, device=generator_device(self.generator)
+        )
         return perm.to(self.device) if self.device is not None else perm
 
     def __call__(self) -> Tensor:
         if self.replacement:
-            idx = torch.randint(self.size, (self.batch_size,), generator=self.generator)
+            idx = torch.randint(
+                self.size, (self.batch_size,), generator=self.generator,
+                device=generator_device(self.generator),
+            )  # fmt: skip
             return idx.to(self.device) if self.device is not None else idx
         if self.batch_size == self.size:
             if self._perm.numel() == 0:
@@ -98,7 +110,10 @@ def chain_indices(
         raise ModelError("vectorised chains draw iid minibatches: use batching='iid'")
     n, b = potential.plate_size, potential.subsample_size
     if generators is not None:
-        idx = torch.stack([torch.randint(n, (b,), generator=g) for g in generators])
+        idx = torch.stack(
+            [torch.randint(n, (b,), generator=g, device=generator_device(g)) for g in generators]
+        )
     else:
-        idx = torch.randint(n, (num_chains, b), generator=potential.generator)
+        gen = potential.generator
+        idx = torch.randint(n, (num_chains, b), generator=gen, device=generator_device(gen))
     return idx.to(stream.device) if stream.device is not None else idx

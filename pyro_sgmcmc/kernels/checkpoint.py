@@ -19,6 +19,7 @@ class CheckpointMixin:
         Restored by :meth:`load_state_dict` after ``setup`` with the same arguments, the
         run continues exactly as it would have.
         """
+        self._flush_fused()
         state = {
             k: getattr(self, k)
             for k in (

@@ -21,7 +21,9 @@ def trace_agrees(potential, phi: dict[str, Tensor], generator: torch.Generator) 
         return False  # the trace is only used for minibatches
     n, b = potential.plate_size, potential.subsample_size
     shifted = {
-        k: v + 0.1 * torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v)
+        k: v
+        + 0.1
+        * torch.randn(v.shape, generator=generator, dtype=v.dtype, device=generator.device).to(v)
         for k, v in phi.items()
     }
     try:
@@ -29,7 +31,7 @@ def trace_agrees(potential, phi: dict[str, Tensor], generator: torch.Generator) 
             warnings.simplefilter("ignore")
             for params in (phi, shifted):
                 for _ in range(2):
-                    idx = torch.randint(n, (b,), generator=generator)
+                    idx = torch.randint(n, (b,), generator=generator, device=generator.device)
                     if potential.indices is not None and potential.indices.device is not None:
                         idx = idx.to(potential.indices.device)
                     potential.jit_compile = True

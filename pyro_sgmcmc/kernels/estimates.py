@@ -19,6 +19,7 @@ from torch import Tensor
 from pyro_sgmcmc.curvature import hvp
 from pyro_sgmcmc.kernels.chain_batch import expand_mask
 from pyro_sgmcmc.kernels.whitening import Whitening
+from pyro_sgmcmc.minibatch import generator_device
 from pyro_sgmcmc.tree import unflatten
 
 #: Rademacher probes of the Hessian's diagonal (models above MAX_DENSE parameters).
@@ -54,7 +55,9 @@ def curvature_diagonal(potential, like, mode: Tensor, idx, rows_idx, generator) 
     params = unflatten(mode, like)
     total = torch.zeros_like(mode)
     for _ in range(CURVATURE_PROBES):
-        v = torch.randint(0, 2, mode.shape, generator=generator).to(mode) * 2 - 1
+        v = torch.randint(
+            0, 2, mode.shape, generator=generator, device=generator_device(generator)
+        ).to(mode) * 2 - 1
         hv = hvp(lambda p: potential.potential(p, idx), params, unflatten(v, like), mode="reverse")
         total = total + v * torch.cat([hv[k].reshape(-1) for k in like])
     h = (total / CURVATURE_PROBES).abs()
@@ -81,7 +84,10 @@ def laplace_draws(whitening: Whitening, shape, temperature: float, num_data: int
     """Draws of the Laplace approximation :math:`\\mathcal N(\\mu, (T/N) D)` in
     :math:`\\theta`, flat ``shape``."""
     tau = temperature / num_data
-    noise = torch.randn(shape, generator=generator, dtype=whitening.shift.dtype)
+    noise = torch.randn(
+        shape, generator=generator, dtype=whitening.shift.dtype,
+        device=generator_device(generator),
+    )  # fmt: skip
     noise = noise.to(whitening.shift.device)
     return whitening.to_flat(noise * tau**0.5)
 

@@ -16,6 +16,7 @@ from pyro.infer.autoguide.initialization import init_to_feasible, init_to_median
 from torch import Tensor
 
 from pyro_sgmcmc.kernels.chain_batch import expand_mask, finite
+from pyro_sgmcmc.minibatch import generator_device
 from pyro_sgmcmc.potential import NonFiniteError
 
 #: Tries of a random init strategy before the next one.
@@ -100,7 +101,10 @@ def initial_chains(
     c = num_chains
 
     def draw(shape_like: Tensor, width) -> Tensor:
-        noise = torch.rand((c, *shape_like.shape), generator=generator, dtype=shape_like.dtype)
+        noise = torch.rand(
+            (c, *shape_like.shape), generator=generator, dtype=shape_like.dtype,
+            device=generator_device(generator),
+        )  # fmt: skip
         return (2.0 * noise - 1.0).to(shape_like.device) * width
 
     uniform = init_strategy is init_to_uniform

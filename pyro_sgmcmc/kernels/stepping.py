@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from pyro_sgmcmc.kernels.chain_batch import expand_mask, finite, reset_momenta, select_chains
+from pyro_sgmcmc.kernels.fused import FLUSH_EVERY, FusedStep
 from pyro_sgmcmc.kernels.mode import adam_lr, adam_step
 from pyro_sgmcmc.potential import NonFiniteError
 from pyro_sgmcmc.samplers._common import AntitheticPairs
@@ -38,6 +39,9 @@ class SteppingMixin:
     def _one_step(self, warm: bool) -> None:
         if warm and self._optimising:
             self._mode_step()
+            return
+        if not warm and self.jit_compile is True and self._fused_step() is not None:
+            self._run_fused()
             return
         idx = self._next_indices()
         z = self._state.params["z"]
@@ -74,6 +78,74 @@ class SteppingMixin:
         self._t += 1
         if warm and self.adapter is not None:
             self._adapt(idx)
+
+    # ------------------------------------------------------------------ fused steps
+    def _fused_step(self) -> FusedStep | None:
+        """The compiled sampling step for the current step size and sampler arguments
+        (built on first use, rebuilt when they change; ``None`` when it cannot be fused
+        or the arguments change too often)."""
+        if self._fused_off:
+            return None
+        step = self._step_size()
+        kwargs = self._sampler_kwargs(step)
+        key = (step, id(self.whitening), id(getattr(self.estimator, "table", None)),
+               _kwargs_key(kwargs))  # fmt: skip
+        fused = self._fused
+        if fused is not None and fused.key == key:
+            return fused
+        if self._fused_builds >= 3:
+            self._fused_off, self._fused, self.fused_backend = True, None, None
+            self.warmup_report["notes"].append(
+                "jit_compile=True: the step size or sampler arguments change every step "
+                "(a schedule?), so the sampling step runs eagerly, not as one graph"
+            )
+            return None
+        self._flush_fused()
+        backend = "inductor" if self.compile_backend == "inductor" else "torchscript"
+        fused = FusedStep(self, step, kwargs, backend)
+        fused.key = key
+        self._fused_builds += 1
+        if not fused.build():
+            self._fused_off, self._fused, self.fused_backend = True, None, None
+            return None
+        self._fused = fused
+        self.fused_backend = fused.backend
+        self.compile_seconds += fused.compile_seconds
+        return fused
+
+    def _run_fused(self) -> None:
+        u, ok, params = self._fused()
+        self._last_u = u
+        self._params_cache = (self._state, params)
+        self._pending.append((ok, self._calls))
+        self._t += 1
+        if len(self._pending) >= FLUSH_EVERY:
+            self._flush_fused()
+
+    def _flush_fused(self) -> None:
+        """Read the fused steps' finiteness flags (one host read for many steps): count
+        the non-finite steps as divergences; past ``max_divergences`` raise."""
+        pending, self._pending = getattr(self, "_pending", []), []
+        if not pending:
+            return
+        oks = torch.stack([ok.reshape(-1) for ok, _ in pending]).cpu()
+        for row, chain in torch.nonzero(~oks).tolist():
+            calls = pending[row][1]
+            self._num_nonfinite[chain] += 1
+            index = calls - self._warmup_steps
+            if not self._divergences[chain] or self._divergences[chain][-1] != index:
+                self._divergences[chain].append(index)
+            if self.num_chains is None:
+                self._t -= 1  # as the eager step, an undone step does not advance the schedule
+            count = int(self._num_nonfinite[chain])
+            if count > self.max_divergences:
+                label = "" if self.num_chains is None else f"chain {chain}: "
+                raise NonFiniteError(
+                    f"{label}non-finite potential or gradient at sampling draw {index} "
+                    f"(fused step); {count} non-finite steps in all (max_divergences="
+                    f"{self.max_divergences}). Lower step_size (now {self._step_size():.3g}) "
+                    "or run with jit_compile=False to have the sites named"
+                )
 
     def _noise_source(self):
         if self._chain_generators:
@@ -118,7 +190,9 @@ class SteppingMixin:
         if not stuck.any() or stuck.all():
             return
         healthy = torch.nonzero(~stuck).flatten()
-        pick = healthy[torch.randint(len(healthy), (self.num_chains,), generator=self._generator)]
+        gen = self._generator
+        draw = torch.randint(len(healthy), (self.num_chains,), generator=gen, device=gen.device)
+        pick = healthy[draw.to(healthy.device)]
         source = reset_momenta(self._state)
         moved = type(source)(**{
             f: ({k: v[pick] for k, v in x.items()} if isinstance(x, dict) else x[pick])
@@ -163,3 +237,19 @@ class SteppingMixin:
             f"{self.max_divergences}). Lower step_size (now {self._step_size():.3g}) "
             "or check the model's log-density there"
         )
+
+
+def _kwargs_key(kwargs: dict) -> tuple:
+    """The sampler arguments as a hashable key: values of numbers, identities of tensors
+    (a new tensor means new values: the kernels compute them once per change)."""
+    out = []
+    for name, value in sorted(kwargs.items()):
+        if isinstance(value, dict):
+            out.append((name, tuple((k, _leaf_key(v)) for k, v in sorted(value.items()))))
+        else:
+            out.append((name, _leaf_key(value)))
+    return tuple(out)
+
+
+def _leaf_key(value):
+    return ("tensor", id(value)) if isinstance(value, torch.Tensor) else value

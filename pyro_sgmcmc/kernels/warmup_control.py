@@ -21,6 +21,7 @@ from pyro_sgmcmc.kernels.estimates import (
 from pyro_sgmcmc.kernels.gradients import MAX_CV_TABLE, ControlVariateGradient, minibatch_beta
 from pyro_sgmcmc.kernels.mode import MAX_DENSE
 from pyro_sgmcmc.kernels.warmup import ESTIMATION_BATCH, WarmupAdapter
+from pyro_sgmcmc.minibatch import generator_device
 from pyro_sgmcmc.potential import PyroPotential
 from pyro_sgmcmc.tree import unflatten
 
@@ -144,9 +145,12 @@ class WarmupMixin:
         n = pot.plate_size
         b = pot.subsample_size or n
         size = min(n, max(b, ESTIMATION_BATCH))
+        device = pot.indices.device if pot.indices is not None else None
         if size == n:
-            return torch.arange(n) if sample else None
-        return torch.randint(n, (size,), generator=generator or self._generator)
+            return torch.arange(n, device=device) if sample else None
+        gen = generator or self._generator
+        idx = torch.randint(n, (size,), generator=gen, device=generator_device(gen))
+        return idx.to(device) if device is not None else idx
 
     def _measure_noise(self, z: Tensor) -> None:
         """Add one estimate of the per-example gradient noise (chain 0, in theta) and

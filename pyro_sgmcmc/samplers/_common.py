@@ -37,9 +37,10 @@ def normal_like(
 
     A list of generators, one per entry of ``x``'s leading (chain) dimension, gives
     each chain its own stream: exactly the draws that chain would get run alone.
-    :class:`AntitheticPairs` gives pairs of chains opposite draws.
+    :class:`AntitheticPairs` gives pairs of chains opposite draws; any other object with
+    a ``normal_like(x)`` method (e.g. the fused step's recorded noise) is asked for it.
     """
-    if isinstance(generator, AntitheticPairs):
+    if hasattr(generator, "normal_like"):
         return generator.normal_like(x)
     if isinstance(generator, (list, tuple)):
         return torch.stack(
