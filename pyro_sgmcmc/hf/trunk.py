@@ -222,6 +222,8 @@ class CachedHead(nn.Module):
     :class:`~pyro_sgmcmc.nn.ModulePotential` take the model's names as they are).
     ``forward(hidden, **per_window)`` returns the ``(B, T, V)`` logits; the shared
     keyword inputs (mask, rotary embeddings) come from the cache it was built with.
+    ``forward(cache.inputs())`` (one dict, as ``module(x)`` callers such as
+    :func:`~pyro_sgmcmc.laplace.module.module_laplace` pass it) works too.
 
     Args:
         model: the causal LM (or its peft wrapper).
@@ -241,6 +243,8 @@ class CachedHead(nn.Module):
         self._shared = dict(cache.shared)
 
     def forward(self, hidden: Tensor, last: int | None = None, **per_window: Tensor) -> Tensor:
+        if isinstance(hidden, Mapping):  # cache.inputs() passed as one positional input
+            return self.forward(**hidden, last=last, **per_window)
         kwargs = {**self._shared, **per_window}
         for p in self._layer_paths:
             out = self.get_submodule(p)(hidden, **kwargs)
