@@ -3,11 +3,12 @@
 Runs ``benchmarks/speed.py``'s sections on ``cuda`` with GPU-sized settings and prints
 the same ratio tables (per-step cost against a hand-written loop, 1000 chains against
 one, Pima with 5000 chains end to end, per-step cost against N, an 8-member ensemble
-vmapped against sequential), then the fused step's draws against the eager step's on
-the GPU. Every timed region ends with ``torch.cuda.synchronize()``.
+vmapped against sequential, a 10k-step run end to end), then the fused step's draws
+against the eager step's on the GPU. Every timed region ends with ``torch.cuda.synchronize()``.
 
 Run: ``python benchmarks/gpu.py [--out results.json]`` (exits with a message without a
-GPU).
+GPU); ``--device cpu --smoke`` runs every code path in tiny settings, as a check of the
+script itself.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ GPU_CONFIG = {
     "d_steps": 1000,
     "e_width": 900,
     "e_steps": 20,
+    "f_steps": (1000, 9000),
+}
+SMOKE_CONFIG = {
+    "a_steps": 100,
+    "b_steps": 20,
+    "b_chains": 50,
+    "c_chains": 100,
+    "c_settings": [(50, 10)],
+    "d_sizes": [10**3, 10**4],
+    "d_steps": 100,
+    "e_width": 64,
+    "e_steps": 2,
+    "f_steps": (50, 100),
 }
 
 
@@ -60,15 +74,17 @@ def same_draws(device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="tiny settings (script check)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: nothing to run")
         return
     start = time.perf_counter()
-    speed.config = lambda quick: dict(GPU_CONFIG)  # the GPU's settings for every section
-    argv = ["--device", "cuda"]
-    results = speed.main(argv)
-    results["same_draws"] = same_draws(torch.device("cuda"))
+    settings = SMOKE_CONFIG if args.smoke else GPU_CONFIG
+    speed.config = lambda quick: dict(settings)  # these settings for every section
+    results = speed.main(["--device", args.device])
+    results["same_draws"] = same_draws(torch.device(args.device))
     results["total_seconds"] = time.perf_counter() - start
     print(f"total {results['total_seconds']:.0f} s")
     if args.out:

@@ -20,7 +20,10 @@ d. **Per-step cost against N** (synthetic logistic regression, d = 8, N = 1e3 ..
    fused. Goal: within 1.2x from 1e3 to 1e6.
 e. **Ensemble**: 8 members of a 1M-parameter MLP (``ModulePotential``), SGHMC steps on
    batches of 128, one ``torch.func.vmap`` over the members against 8 sequential
-   members. Goal: vmapped at most 0.5x the sequential time.
+   members (eager, and compiled with ``samplers.compiled.compiled_step``). Goal: vmapped
+   at most 0.5x the sequential time.
+f. **End to end**: a 25k-step serial run (1000 warm-up + 24000 sampling steps),
+   compilation included, ``"auto"`` against the fused step. Goal: not slower.
 
 Run: ``python benchmarks/speed.py [--quick] [--device cuda] [--out results.json]``.
 """
@@ -46,6 +49,7 @@ from pyro_sgmcmc.datasets import load_pima, logistic_regression_model
 from pyro_sgmcmc.diagnostics.ksd import ksd, potential_score
 from pyro_sgmcmc.nn import categorical_log_likelihood
 from pyro_sgmcmc.samplers import sghmc
+from pyro_sgmcmc.samplers.compiled import compiled_step
 
 BATCH = 32
 
@@ -252,39 +256,70 @@ def ensemble(cfg, results, device) -> None:
             g = batched(state.params, (x, yb))
             state = sghmc.step(state, g, 1e-3, num_data=50_000, generator=gen)
 
+    compiled = compiled_step(pot, sghmc, 1e-3, ensemble=True, num_data=50_000)
+
+    def run_compiled():
+        state = sghmc.init({k: v.expand(members, *v.shape).clone() for k, v in one.items()})
+        for _ in range(steps):
+            state, _ = compiled(state, (x, yb), gen)
+
     times = {}
-    for label, fn in (("8 sequential", run_sequential), ("vmapped", run_vmapped)):
+    runs = (("8 sequential", run_sequential), ("vmapped", run_vmapped),
+            ("vmapped, compiled", run_compiled))  # fmt: skip
+    for label, fn in runs:
         fn()  # warm
         sync(device)
         start = now()
         fn()
         sync(device)
         times[label] = (now() - start) / steps
-    ratio = times["vmapped"] / times["8 sequential"]
     print(f"\ne. ensemble of 8 x {size / 1e6:.2f}M-parameter MLPs, batch {batch}, "
-          f"{steps} SGHMC steps: 8 sequential {wc(times['8 sequential'] * 1e3)} ms/step, "
-          f"vmapped {wc(times['vmapped'] * 1e3)} ms/step, ratio {ratio[0]:.2f}")  # fmt: skip
+          f"{steps} SGHMC steps: ms per step, wall (cpu), ratio to 8 sequential")  # fmt: skip
+    for label, t in times.items():
+        ratio = t / times["8 sequential"]
+        print(f"{label:20s} {wc(t * 1e3):>18s} {ratio[0]:6.2f} ({ratio[1]:.2f} cpu)")
     results["e_ensemble"] = {"params_per_member": size,
-                             **{k: (v * 1e3).tolist() for k, v in times.items()},
-                             "ratio": ratio.tolist()}  # fmt: skip
+                             **{k: (v * 1e3).tolist() for k, v in times.items()}}  # fmt: skip
+
+
+def end_to_end(X, y, cfg, results) -> None:
+    """A whole serial run (warm-up and sampling), compilation included."""
+    warmup, samples = cfg["f_steps"]
+    out = {}
+    print(f"\nf. serial Pima SGHMC end to end, {warmup} + {samples} steps, compile included")
+    for label, jit, backend in [("jit_compile='auto'", "auto", "inductor"),
+                                ("jit_compile=True, torchscript", True, "torchscript"),
+                                ("jit_compile=True, inductor", True, "inductor")]:  # fmt: skip
+        pyro.set_rng_seed(0)
+        kernel = SGHMCKernel(logistic_regression_model, subsample_size=BATCH,
+                             jit_compile=jit, compile_backend=backend)  # fmt: skip
+        mcmc = MCMC(kernel, num_samples=samples, warmup_steps=warmup, disable_progbar=True)
+        sync(X.device)
+        start = now()
+        mcmc.run(X, y)
+        sync(X.device)
+        total = now() - start
+        out[label] = {"seconds": total.tolist(), "compile_s": kernel.compile_seconds}
+        print(f"{label:32s} {wc(total, '.1f')} s (compile {kernel.compile_seconds:.1f} s)")
+    results["f_end_to_end"] = out
 
 
 def config(quick: bool) -> dict:
     if quick:
         return {"a_steps": 1500, "b_steps": 300, "b_chains": 1000, "c_chains": 5000,
                 "c_settings": [(200, 50)], "d_sizes": [10**3, 10**6], "d_steps": 1000,
-                "e_width": 900, "e_steps": 3}  # fmt: skip
+                "e_width": 900, "e_steps": 3, "f_steps": (500, 5000)}  # fmt: skip
     return {"a_steps": 5000, "b_steps": 500, "b_chains": 1000, "c_chains": 5000,
             "c_settings": [(100, 50), (200, 50), (300, 100)],
             "d_sizes": [10**3, 10**4, 10**5, 10**6], "d_steps": 2000,
-            "e_width": 900, "e_steps": 10}  # fmt: skip
+            "e_width": 900, "e_steps": 10, "f_steps": (1000, 24000)}  # fmt: skip
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", default="abcde", help="sections to run, e.g. 'ab'")
+    parser.add_argument("--only", default="abcdef", help="sections to run, e.g. 'ab'")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -310,6 +345,8 @@ def main(argv=None) -> dict:
         scaling(cfg, results, device)
     if "e" in args.only:
         ensemble(cfg, results, device)
+    if "f" in args.only:
+        end_to_end(X, y, cfg, results)
     results["load_after"] = os.getloadavg()
     print(f"load average after: {results['load_after']}")
     if args.out:
