@@ -44,7 +44,16 @@ FLUSH_EVERY = 100
 
 
 def state_leaves(state) -> list[Tensor]:
-    """A sampler state's tensors (fields that are dicts of tensors or tensors), in order."""
+    """A sampler state's tensors (fields that are dicts of tensors or tensors), in order.
+
+    Examples:
+        >>> from pyro_sgmcmc.samplers import sgnht
+        >>> state = sgnht.init({"z": torch.zeros(3)})
+        >>> [tuple(x.shape) for x in state_leaves(state)]
+        [(3,), (3,), ()]
+        >>> state_from_leaves(state, state_leaves(state)).xi
+        tensor(1.)
+    """
     out = []
     for x in state:
         out.extend(x.values() if isinstance(x, dict) else [x])
