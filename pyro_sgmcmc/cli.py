@@ -199,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--epochs", type=int, default=None, help="epochs per episode")
     cl.add_argument("--batch-size", type=int, default=None, help="windows per step")
     cl.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
+    cl.add_argument("--methods", nargs="+", default=None,
+                    help="subset of: 'online AdamW' 'online Laplace' 'offline AdamW' "
+                    "'single-episode AdamW' (default all)")
+    cl.add_argument("--laplace-scale", type=float, default=None,
+                    help="multiply the Laplace prior's precision (default 1: the posterior "
+                    "as is; any other value is a tuned knob, reported as such)")
     cl.add_argument("--threads", type=int, default=1, help="torch threads")
     cl.set_defaults(experiment="continual_lora")
 
