@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--adamw-steps", type=int, default=None, help="AdamW steps")
     bl.add_argument("--num-windows", type=int, default=None, help="fine-tuning windows")
     bl.add_argument("--max-statements", type=int, default=None, help="statements per language")
+    bl.add_argument(
+        "--prior-sd", type=float, default=None, help="prior sd around the pretrained weights (0.05)"
+    )
+    bl.add_argument("--temperature", type=float, default=None, help="SGHMC temperature (1)")
     bl.add_argument("--threads", type=int, default=1, help="torch threads")
     bl.set_defaults(experiment="bayes_llm")
     return parser

@@ -385,6 +385,8 @@ def config_from_args(args: argparse.Namespace) -> BayesLLMConfig:
         "adamw_steps",
         "max_statements",
         "num_windows",
+        "prior_sd",
+        "temperature",
     ):
         value = getattr(args, name, None)
         if value is not None:
