@@ -15,6 +15,7 @@ projections of the last layer: :func:`add_lora`'s defaults.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -138,11 +139,14 @@ def add_lora(
         lora_dropout=dropout,
         bias="none",
     )
-    if seed is None:
-        return peft.get_peft_model(model, config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return peft.get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 asks transformers 5 a deprecated question (is_gradient_checkpointing)
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        if seed is None:
+            return peft.get_peft_model(model, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return peft.get_peft_model(model, config)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
