@@ -358,6 +358,7 @@ def plot_figure6(records: list[ContinualRecord], path: str) -> str:
         ax.text(0.5, 0.5, "no single-episode baseline in this run", ha="center",
                 transform=ax.transAxes)
     ax.set_xlabel("episode")
+    ax.set_xticks(sorted({r["episode"] for r in rel}) or [1])
     ax.set_ylabel("mean test loss over seen books\nminus single-episode AdamW")
     if rel:
         ax.legend(fontsize=8)
