@@ -191,20 +191,32 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--quick", action="store_true", help="tiny random Llama, 3 books (seconds)")
     cl.add_argument("--seed", type=int, default=0, help="random seed")
     cl.add_argument("--out", default="out", help="folder for the records and figures")
-    cl.add_argument("--books", nargs="+", default=None,
-                    help="episode order (default moby_dick sense_and_sensibility "
-                    "pride_and_prejudice emma persuasion)")
+    cl.add_argument(
+        "--books",
+        nargs="+",
+        default=None,
+        help="episode order (default moby_dick sense_and_sensibility "
+        "pride_and_prejudice emma persuasion)",
+    )
     cl.add_argument("--train-tokens", type=int, default=None, help="training tokens per book")
     cl.add_argument("--test-tokens", type=int, default=None, help="test tokens per book")
     cl.add_argument("--epochs", type=int, default=None, help="epochs per episode")
     cl.add_argument("--batch-size", type=int, default=None, help="windows per step")
     cl.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
-    cl.add_argument("--methods", nargs="+", default=None,
-                    help="subset of: 'online AdamW' 'online Laplace' 'offline AdamW' "
-                    "'single-episode AdamW' (default all)")
-    cl.add_argument("--laplace-scale", type=float, default=None,
-                    help="multiply the Laplace prior's precision (default 1: the posterior "
-                    "as is; any other value is a tuned knob, reported as such)")
+    cl.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="subset of: 'online AdamW' 'online Laplace' 'offline AdamW' "
+        "'single-episode AdamW' (default all)",
+    )
+    cl.add_argument(
+        "--laplace-scale",
+        type=float,
+        default=None,
+        help="multiply the Laplace prior's precision (default 1: the posterior "
+        "as is; any other value is a tuned knob, reported as such)",
+    )
     cl.add_argument("--threads", type=int, default=1, help="torch threads")
     cl.set_defaults(experiment="continual_lora")
 
@@ -242,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument(
         "--prior-sd", type=float, default=None, help="prior sd around the pretrained weights (0.05)"
     )
-    bl.add_argument("--temperature", type=float, default=None, help="SGHMC temperature (1)")
+    bl.add_argument(
+        "--temperature", type=float, default=None, help="SGHMC temperature (0.01; 1: the posterior)"
+    )
     bl.add_argument("--threads", type=int, default=1, help="torch threads")
     bl.set_defaults(experiment="bayes_llm")
     return parser

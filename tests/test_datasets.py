@@ -8,6 +8,7 @@ import fnmatch
 import importlib.util
 import io
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -215,6 +216,16 @@ def test_split_text_takes_the_last_15_percent():
     assert split_text("abcdefghij", held_out=0.3) == ("abcdefg", "hij")  # no line break
     with pytest.raises(ValueError, match="held_out"):
         split_text("abc", held_out=0.0)
+
+
+def test_unwrap_lines_joins_wrapped_lines_and_keeps_paragraphs():
+    text = load_books(["pride_and_prejudice"])["pride_and_prejudice"]
+    flat = datasets.unwrap_lines(text)
+    assert len(flat) == len(text)  # each wrap becomes one space
+    assert flat.split() == text.split()  # the same words in the same order
+    assert flat.count("\n\n") == text.count("\n\n")  # paragraphs kept
+    assert re.search(r"(?<!\n)\n(?!\n)", flat) is None  # no lone line break is left
+    assert "It is a truth universally acknowledged, that a single man in" in flat
 
 
 # ---------------------------------------------------------------- UDHR

