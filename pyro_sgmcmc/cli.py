@@ -233,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--seed", type=int, default=0, help="random seed (AdamW: seed, seed+1, ...)")
     bl.add_argument("--out", default="out", help="folder for the records and figures")
     bl.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="run nothing: the table over the runs in these folders (mean ± sd over seeds), "
+        "written to --out",
+    )
+    bl.add_argument(
         "--methods",
         nargs="+",
         default=None,

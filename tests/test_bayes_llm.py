@@ -151,3 +151,30 @@ def test_quick_end_to_end_and_partial_rerun(tmp_path):
     got = [r for r in again if r["language"] == "smo"][0]
     for key in ("loss", "tu", "eu", "auroc_tu", "auroc_eu"):
         assert got[key] == pytest.approx(ens[key], abs=1e-6)
+
+
+def test_combined_table_over_seeds(tmp_path):
+    """Two seeds' runs combine into one table (mean ± sd over the seeds); runs with other
+    settings, or the same seed twice, are refused."""
+    dirs = []
+    for seed in (0, 1):
+        d = tmp_path / f"seed{seed}"
+        args = ["bayes-llm", "--quick", "--seed", str(seed), "--out", str(d)]
+        assert cli_main([*args, "--methods", "base", "parallel SGHMC", "--languages", "smo"]) == 0
+        dirs.append(str(d))
+    records = bl.combine_runs(dirs)
+    ens = [r for r in records if r.method == "parallel SGHMC" and r.language == "smo"]
+    assert sorted(r.seed for r in ens) == [0, 1]
+    out = tmp_path / "combined"
+    assert cli_main(["bayes-llm", "--combine", *dirs, "--out", str(out)]) == 0
+    table = (out / "bayes_llm_combined_table.txt").read_text()
+    line = next(row for row in table.splitlines() if row.startswith("parallel SGHMC EU"))
+    mean = sum(r.auroc_eu for r in ens) / 2
+    assert f"{mean:.3f} ±" in line
+    with pytest.raises(ValueError, match="twice"):
+        bl.combine_runs([dirs[0], dirs[0]])
+    other = tmp_path / "other"
+    cli_main(["bayes-llm", "--quick", "--seed", "2", "--members", "2", "--out", str(other),
+              "--methods", "base", "--languages", "smo"])  # fmt: skip
+    with pytest.raises(ValueError, match="members"):
+        bl.combine_runs([dirs[0], str(other)])

@@ -46,6 +46,7 @@ __all__ = [
     "QUICK",
     "BayesLLMConfig",
     "BayesLLMRecord",
+    "combine_runs",
     "format_auroc_table",
     "main",
     "plot_uncertainties",
@@ -345,6 +346,30 @@ def format_auroc_table(records: Sequence[BayesLLMRecord]) -> str:
     return format_columns(columns, rows)
 
 
+def combine_runs(folders: Sequence[str]) -> list[BayesLLMRecord]:
+    """The records of several runs (each folder's ``bayes_llm.json``), for a table over
+    seeds: rows whose ``seed`` is ``None`` (one per run) get their run's seed.
+
+    Each run must have its own seed, and all must share every other setting (checked).
+    """
+    records, seeds, settings = [], set(), None
+    for folder in folders:
+        with open(os.path.join(folder, "bayes_llm.json")) as f:
+            data = json.load(f)
+        meta = {k: v for k, v in data["settings"].items() if k not in ("seed", "seconds")}
+        if settings is not None and meta != settings:
+            diff = sorted(k for k in meta | settings if meta.get(k) != settings.get(k))
+            raise ValueError(f"{folder}: settings differ from the first run's ({diff})")
+        settings, seed = meta, data["settings"]["seed"]
+        if seed in seeds:
+            raise ValueError(f"{folder}: seed {seed} appears twice")
+        seeds.add(seed)
+        for row in data["rows"]:
+            row = dict(row, seed=seed if row["seed"] is None else row["seed"])
+            records.append(BayesLLMRecord(**row))
+    return records
+
+
 def plot_uncertainties(per_statement: dict, path: str, language: str = "smo") -> str:
     """Figures 7 and 10: histograms of TU and EU per method, English vs ``language``."""
     import matplotlib
@@ -403,8 +428,14 @@ def config_from_args(args: argparse.Namespace) -> BayesLLMConfig:
 
 def main(args: argparse.Namespace) -> int:
     """``pyro-sgmcmc bayes-llm``: run, print the table, write records and figures."""
-    torch.set_num_threads(args.threads)
     out = ensure_dir(args.out)
+    if getattr(args, "combine", None):
+        table = format_auroc_table(combine_runs(args.combine))
+        with open(os.path.join(out, "bayes_llm_combined_table.txt"), "w") as f:
+            f.write(table + "\n")
+        print(table)
+        return 0
+    torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
     start = time.perf_counter()
     records, per_statement = run_bayes_llm(cfg, seed=args.seed)
