@@ -50,6 +50,6 @@ __all__ = [
     "read_udhr_html",
     "rotten_tomatoes_path",
     "split_text",
-    "unwrap_lines",
     "tokenize",
+    "unwrap_lines",
 ]

@@ -3,8 +3,8 @@ r"""A Bayesian language model that knows what it does not know (the seed paper's
 
 All weights of SmolLM2-135M's last attention layer (q, k, v, o: 884,736 parameters)
 are fine-tuned on English prose (a novel, its lines unwrapped, random windows, the loss
-on their last tokens) with everything else frozen and the trunk's hidden states cached once:
-a parallel SGHMC ensemble (``members`` chains, one vmapped forward per step), a
+on their last tokens) with everything else frozen and the trunk's hidden states cached
+once: a parallel SGHMC ensemble (``members`` chains, one vmapped forward per step), a
 serial SGHMC chain (draws along one trajectory), AdamW over seeds, and the base
 model. Each predicts the last word (its first token) of the Universal Declaration of
 Human Rights' paragraphs in English, Samoan, Hawaiian, Maori and Tongan; the records
@@ -155,8 +155,7 @@ def _heldout_loss(potential_nll, members, cache, targets) -> float:
 
 def run_bayes_llm(cfg: BayesLLMConfig, seed: int = 0, log=print) -> tuple[list, dict]:
     """Fine-tune, evaluate, score: the records and the per-statement scores."""
-    from pyro_sgmcmc.datasets import load_books, load_udhr
-    from pyro_sgmcmc.datasets.books import split_text, unwrap_lines
+    from pyro_sgmcmc.datasets import load_books, load_udhr, split_text, unwrap_lines
     from pyro_sgmcmc.hf import (
         CachedHead,
         freeze_except,
